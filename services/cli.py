@@ -1,0 +1,208 @@
+"""The `qrec` command line: one entry point, one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+from rich.console import Console
+from rich.table import Table
+
+from services import __version__
+from services.bus.base import BusError
+from services.config import BusConfig, ConfigError, add_arguments, config_from_args, make_bus, register, setting
+from services.metrics import serve_metrics
+
+DESCRIPTION = """\
+qrec: a streaming e-commerce recommender on Kafka that learns with deep Q-learning.
+
+Shops send clickstream events to Kafka; qrec builds per-user state, learns a Q-function from the
+rewards its recommendations earn, and publishes recommendations back to Kafka.
+
+Every setting can also come from a QREC_<NAME> environment variable or a TOML file (--config).
+Use 'embedded' as bootstrap servers (the default) for the in-process bus, or host:port for Kafka.
+"""
+
+EPILOG = """\
+examples:
+  qrec topics create --bootstrap-servers 127.0.0.1:9092
+  qrec replay ../shared/data/taobao_userbehavior_head/UserBehavior_head.csv --bootstrap-servers 127.0.0.1:9092
+  qrec record qrec.clickstream.v1 --out events.jsonl --bootstrap-servers 127.0.0.1:9092
+  qrec bench codec --quick --json out/bench.json
+"""
+
+console = Console(stderr=True)
+
+
+@register("topics")
+@dataclass(frozen=True, kw_only=True)
+class TopicsConfig(BusConfig):
+    """Creates qrec's topics."""
+
+    partitions: int = setting(6, help="partitions of the keyed topics (clickstream and recommendations share it)")
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None, help="TOML settings file (env QREC_CONFIG)")
+    parser.add_argument(
+        "--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level"
+    )
+
+
+def _serve(config: BusConfig, registry: CollectorRegistry) -> None:
+    if config.metrics_port is not None:
+        server = serve_metrics(registry, config.metrics_port, config.metrics_host)
+        console.print(f"metrics: {server.url}")
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    from services.replay.service import ensure_topics
+    from services.topics import topic_specs
+
+    config = config_from_args(TopicsConfig, args)
+    bus = make_bus(config)
+    try:
+        existing = bus.list_topics()
+        ensure_topics(bus, config.partitions)
+        table = Table(title=f"qrec topics on {config.bootstrap_servers}")
+        for column in ("topic", "partitions", "configs", "status"):
+            table.add_column(column)
+        for spec in topic_specs(config.partitions):
+            status = "exists" if spec.name in existing else "created"
+            configs = ", ".join(f"{k}={v}" for k, v in spec.configs.items())
+            table.add_row(spec.name, str(bus.partitions_for(spec.name)), configs, status)
+        Console().print(table)
+    finally:
+        bus.close()
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from services.replay.config import ReplayConfig
+    from services.replay.service import run_replay
+
+    config = config_from_args(ReplayConfig, args)
+    registry = CollectorRegistry()
+    _serve(config, registry)
+    bus = make_bus(config)
+    if config.bootstrap_servers == "embedded":
+        console.print("[yellow]bootstrap servers are 'embedded': this replay only checks the log (a dry run)[/]")
+    try:
+        summary = run_replay(config, bus, registry, console=console)
+    finally:
+        bus.close()
+    table = Table(title=f"replayed {config.log}")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    table.add_row("rows read", f"{summary.rows:,}")
+    table.add_row("events produced", f"{summary.events_produced:,}")
+    table.add_row("rows sent to the dead-letter topic", f"{summary.invalid_rows:,}")
+    for reason, count in sorted(summary.dead_letters_by_reason.items()):
+        table.add_row(f"  {reason}", f"{count:,}")
+    table.add_row("events outside --from-time/--to-time", f"{summary.skipped_out_of_range:,}")
+    table.add_row("events per second", f"{summary.events_per_second:,.0f}")
+    Console().print(table)
+    return 0
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    from services.replay.config import RecordConfig
+    from services.replay.service import run_record
+
+    config = config_from_args(RecordConfig, args)
+    if config.bootstrap_servers == "embedded":
+        raise ConfigError("record reads an existing topic: pass --bootstrap-servers HOST:PORT of your Kafka")
+    bus = make_bus(config)
+    try:
+        summary = run_record(config, bus)
+    finally:
+        bus.close()
+    console.print(
+        f"recorded {summary.records:,} records from {summary.partitions} partitions of {config.topic} "
+        f"to {config.out} in {summary.seconds:.1f} s"
+        + (f" ({summary.tombstones} tombstones skipped)" if summary.tombstones else "")
+    )
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from services.bench import BENCHMARKS, run_benchmarks
+
+    unknown = [n for n in args.names if n not in BENCHMARKS]
+    if unknown:
+        raise ConfigError(f"unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(BENCHMARKS)}")
+    run_benchmarks(args.names or list(BENCHMARKS), quick=args.quick, json_path=args.json,
+                   bootstrap_servers=args.bootstrap_servers, console=console)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from services.demo import run_demo
+
+    return run_demo(quick=args.quick, console=console)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qrec", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"qrec {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def sub(name: str, help_text: str, handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        p = commands.add_parser(name, help=help_text, description=help_text)
+        _add_common(p)
+        p.set_defaults(handler=handler)
+        return p
+
+    from services.replay.config import RecordConfig, ReplayConfig
+
+    topics = sub("topics", "create qrec's topics (idempotent) and show them", cmd_topics)
+    topics.add_argument("action", choices=["create"], help="what to do with the topics")
+    add_arguments(topics, TopicsConfig)
+    add_arguments(
+        sub("replay", "replay a recorded event log to the clickstream topic (bad rows go to dead letters)", cmd_replay),
+        ReplayConfig,
+    )
+    add_arguments(sub("record", "write a topic (or a time range of it) to JSONL that replay reads", cmd_record),
+                  RecordConfig)
+    bench = sub("bench", "run benchmarks and write their figures as JSON", cmd_bench)
+    bench.add_argument("names", nargs="*", metavar="NAME", help="benchmarks to run (default: all): codec, replay, kafka_consume")
+    bench.add_argument("--quick", action="store_true", help="short runs (each well under a minute)")
+    bench.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")
+    bench.add_argument(
+        "--bootstrap-servers", default=None,
+        help="benchmark against this Kafka; by default a local broker is started from deploy/kafka",
+    )
+    demo = sub("demo", "run the demo on the embedded bus", cmd_demo)
+    demo.add_argument("--quick", action="store_true", help="a shorter run")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", "WARNING"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        code: int = args.handler(args)
+        return code
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]qrec {args.command}: error:[/] {exc}")
+        return 2
+    except BusError as exc:
+        console.print(f"[red]qrec {args.command}: bus error:[/] {exc}")
+        return 1
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
