@@ -65,11 +65,13 @@ def _classify(exc: msgspec.MsgspecError, data: bytes) -> DecodeError:
             field = m.group(1) if path == "$" else f"{path}.{m.group(1)}"
             return DecodeError("missing_field", f"missing required field '{field.removeprefix('$.')}'")
         if m := _UNKNOWN.search(text):
-            return DecodeError("unknown_field", f"unknown field '{m.group(1)}' (schemas forbid extra fields)")
-        if path == "$.event_type" and "Invalid enum value" in text:
+            field = m.group(1) if path == "$" else f"{path.removeprefix('$.')}.{m.group(1)}"
+            return DecodeError("unknown_field", f"unknown field '{field}' (schemas forbid extra fields)")
+        if "Invalid enum value" in text and "event_type" in path:
             return DecodeError(
                 "unknown_event_type",
-                f"unknown event_type: {text.split(' - at ')[0].removeprefix('Invalid enum value ')}; "
+                f"unknown event type at '{path.removeprefix('$.')}': "
+                f"{text.split(' - at ')[0].removeprefix('Invalid enum value ')}; "
                 f"expected one of {', '.join(EVENT_TYPES)}",
             )
         if m := _EXPECTED.search(text):
@@ -100,7 +102,7 @@ class Codec(Generic[T]):
         return self._encoder.encode(message)
 
     def decode(self, data: bytes | None) -> T | DecodeError:
-        if not data:
+        if not data or not data.strip():
             return DecodeError("empty", "empty payload (a tombstone or a blank line)")
         if self.max_bytes is not None and len(data) > self.max_bytes:
             return DecodeError(

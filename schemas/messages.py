@@ -143,7 +143,7 @@ class ModelUpdateHeader(
     vocabulary_size: Annotated[int, msgspec.Meta(ge=0)]
     num_chunks: Annotated[int, msgspec.Meta(ge=1)]
     total_bytes: Annotated[int, msgspec.Meta(ge=0)]
-    sha256: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
+    sha256: Annotated[str, msgspec.Meta(min_length=64, max_length=64, pattern="^[0-9a-f]{64}$")]
     encoding: Id
     config: dict[str, Any]
 

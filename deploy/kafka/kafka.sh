@@ -22,7 +22,7 @@ No Kafka download, ZooKeeper or Docker is needed; Java 17+ and Maven (mvn) must 
 
 Commands:
   fetch
-      Copy the broker's jars (listed in $POM) once into a cache folder and print that folder.
+      Copy the broker's jars (listed in deploy/kafka/pom.xml) once into a cache folder; print it.
       The folder is \$QREC_KAFKA_LIBS if set, else ~/.cache/qrec/kafka-libs-<hash of pom.xml>.
       Does nothing when the folder already holds the jars. Needs network access the first time.
 
@@ -117,6 +117,9 @@ ensure_jars() {
     parent="$(dirname "$LIBS")"
     mkdir -p "$parent"
     tmp="$(mktemp -d "$parent/.kafka-libs-tmp.XXXXXX")"
+    FETCH_TMP="$tmp"
+    trap 'rm -rf "$FETCH_TMP" "$FETCH_TMP.log"' EXIT
+    trap 'rm -rf "$FETCH_TMP" "$FETCH_TMP.log"; exit 130' INT TERM HUP
     echo "$PROG: fetching the Kafka jars into $LIBS (once) ..." >&2
     if ! mvn -B -q -f "$POM" dependency:copy-dependencies -DoutputDirectory="$tmp" -DincludeScope=runtime \
         >"$tmp.log" 2>&1; then
@@ -137,6 +140,7 @@ ensure_jars() {
         rm -rf "$tmp" # another fetch finished first
         has_jars "$LIBS" || die "could not move the fetched jars into $LIBS"
     fi
+    trap - EXIT INT TERM HUP
 }
 
 cmd_fetch() {
@@ -173,8 +177,8 @@ parse_options() {
             shift 2
             ;;
         --dir=* | --port=* | --controller-port=* | --timeout=* | --override=*)
-            parse_options "$allowed" "${opt%%=*}" "${opt#*=}"
             shift
+            set -- "${opt%%=*}" "${opt#*=}" "$@" # --opt=value -> --opt value
             ;;
         -h | --help)
             usage
@@ -193,8 +197,7 @@ parse_options() {
     for o in "${OVERRIDES[@]+"${OVERRIDES[@]}"}"; do
         [[ "$o" == ?*=* ]] || usage_error "--override wants KEY=VALUE, got: $o"
     done
-    mkdir -p "$DIR"
-    DIR="$(cd "$DIR" && pwd)"
+    DIR="$(realpath -m "$DIR")" # absolute, symlinks resolved: the broker is found by this path
 }
 
 # The pid of the broker running from $DIR, or nothing.
@@ -353,6 +356,7 @@ prepare() {
     read -r PORT CONTROLLER_PORT <<<"$ports"
     ensure_jars
     mkdir -p "$DIR/logs" "$DIR/data"
+    [[ -w "$DIR" ]] || die "$DIR is not writable"
     write_properties
     # Keep the previous run's logs; the readiness check then only sees this run's server.log.
     local f
