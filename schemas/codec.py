@@ -129,7 +129,8 @@ class ClickEventCodec(Codec[ClickEvent]):
     def _check(self, message: ClickEvent) -> ClickEvent | DecodeError:
         if message.item_id is None and message.event_type != "rec_request":
             return DecodeError(
-                "missing_field", f"missing required field 'item_id' (needed for event_type {message.event_type})"
+                "missing_field",
+                f"missing required field 'item_id' (needed for event_type {message.event_type})",
             )
         return message
 

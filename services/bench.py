@@ -98,14 +98,14 @@ def _broker(bootstrap_servers: str | None, console: Console) -> Iterator[str]:
             yield broker.bootstrap_servers
 
 
-def _bench_log(directory: Path, quick: bool) -> tuple[Path, int]:
+def _bench_log(directory: Path, quick: bool) -> Path:
     """The log to replay: the real Taobao sample when present, else synthetic events."""
     if TAOBAO.is_file():
-        return TAOBAO, 0
+        return TAOBAO
     path = directory / "synthetic.jsonl"
     count = 30_000 if quick else 100_000
     path.write_bytes(b"".join(encode(e) + b"\n" for e in synthetic_events(count)))
-    return path, count
+    return path
 
 
 def bench_kafka(quick: bool, bootstrap_servers: str | None, console: Console, **_: Any) -> dict[str, Any]:
@@ -118,7 +118,7 @@ def bench_kafka(quick: bool, bootstrap_servers: str | None, console: Console, **
 
     results: dict[str, Any] = {}
     with _broker(bootstrap_servers, console) as servers, tempfile.TemporaryDirectory() as tmp:
-        log, _ = _bench_log(Path(tmp), quick)
+        log = _bench_log(Path(tmp), quick)
         topic = f"bench.clickstream.{uuid.uuid4().hex[:8]}"
         config = ReplayConfig(
             log=str(log),
@@ -140,7 +140,9 @@ def bench_kafka(quick: bool, bootstrap_servers: str | None, console: Console, **
             "log": log.name,
             "bootstrap_servers": "local broker" if bootstrap_servers is None else "given",
         }
-        consumed, seconds = raw_consume_rate(KafkaSettings(bootstrap_servers=servers), topic, summary.events_produced)
+        consumed, seconds = raw_consume_rate(
+            KafkaSettings(bootstrap_servers=servers), topic, summary.events_produced
+        )
         results["kafka_consume"] = {
             "events_per_s": round(consumed / seconds) if seconds > 0 else 0,
             "events": consumed,

@@ -16,7 +16,15 @@ from rich.table import Table
 
 from services import __version__
 from services.bus.base import BusError
-from services.config import BusConfig, ConfigError, add_arguments, config_from_args, make_bus, register, setting
+from services.config import (
+    BusConfig,
+    ConfigError,
+    add_arguments,
+    config_from_args,
+    make_bus,
+    register,
+    setting,
+)
 from services.metrics import serve_metrics
 
 DESCRIPTION = """\
@@ -37,7 +45,7 @@ examples:
   qrec bench codec --quick --json out/bench.json
 """
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 @register("topics")
@@ -45,7 +53,9 @@ console = Console(stderr=True)
 class TopicsConfig(BusConfig):
     """Creates qrec's topics."""
 
-    partitions: int = setting(6, help="partitions of the keyed topics (clickstream and recommendations share it)")
+    partitions: int = setting(
+        6, help="partitions of the keyed topics (clickstream and recommendations share it)"
+    )
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -92,7 +102,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     _serve(config, registry)
     bus = make_bus(config)
     if config.bootstrap_servers == "embedded":
-        console.print("[yellow]bootstrap servers are 'embedded': this replay only checks the log (a dry run)[/]")
+        console.print(
+            "[yellow]bootstrap servers are 'embedded': this replay only checks the log (a dry run)[/]"
+        )
     try:
         summary = run_replay(config, bus, registry, console=console)
     finally:
@@ -137,8 +149,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
         raise ConfigError(f"unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(BENCHMARKS)}")
-    run_benchmarks(args.names or list(BENCHMARKS), quick=args.quick, json_path=args.json,
-                   bootstrap_servers=args.bootstrap_servers, console=console)
+    run_benchmarks(
+        args.names or list(BENCHMARKS),
+        quick=args.quick,
+        json_path=args.json,
+        bootstrap_servers=args.bootstrap_servers,
+        console=console,
+    )
     return 0
 
 
@@ -150,12 +167,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="qrec", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="qrec",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"qrec {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def sub(name: str, help_text: str, handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    def sub(
+        name: str, help_text: str, handler: Callable[[argparse.Namespace], int]
+    ) -> argparse.ArgumentParser:
         p = commands.add_parser(name, help=help_text, description=help_text)
         _add_common(p)
         p.set_defaults(handler=handler)
@@ -167,17 +189,29 @@ def build_parser() -> argparse.ArgumentParser:
     topics.add_argument("action", choices=["create"], help="what to do with the topics")
     add_arguments(topics, TopicsConfig)
     add_arguments(
-        sub("replay", "replay a recorded event log to the clickstream topic (bad rows go to dead letters)", cmd_replay),
+        sub(
+            "replay",
+            "replay a recorded event log to the clickstream topic (bad rows go to dead letters)",
+            cmd_replay,
+        ),
         ReplayConfig,
     )
-    add_arguments(sub("record", "write a topic (or a time range of it) to JSONL that replay reads", cmd_record),
-                  RecordConfig)
+    add_arguments(
+        sub("record", "write a topic (or a time range of it) to JSONL that replay reads", cmd_record),
+        RecordConfig,
+    )
     bench = sub("bench", "run benchmarks and write their figures as JSON", cmd_bench)
-    bench.add_argument("names", nargs="*", metavar="NAME", help="benchmarks to run (default: all): codec, replay, kafka_consume")
+    bench.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help="benchmarks to run (default: all): codec, replay, kafka_consume",
+    )
     bench.add_argument("--quick", action="store_true", help="short runs (each well under a minute)")
     bench.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")
     bench.add_argument(
-        "--bootstrap-servers", default=None,
+        "--bootstrap-servers",
+        default=None,
         help="benchmark against this Kafka; by default a local broker is started from deploy/kafka",
     )
     demo = sub("demo", "run the demo on the embedded bus", cmd_demo)
@@ -188,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "WARNING"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(args, "log_level", "WARNING"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         code: int = args.handler(args)

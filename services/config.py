@@ -58,13 +58,16 @@ class BusConfig:
     """Settings every qrec process shares: where the bus is, how to reach it, where metrics go."""
 
     bootstrap_servers: str = setting(
-        "embedded", help="Kafka bootstrap servers (host:port[,host:port]) or 'embedded' for the in-process bus"
+        "embedded",
+        help="Kafka bootstrap servers (host:port[,host:port]) or 'embedded' for the in-process bus",
     )
     client_id: str = setting("qrec", help="Kafka client.id, shown in broker logs and quotas")
     security_protocol: str = setting(
         "PLAINTEXT", help="Kafka security.protocol: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
     )
-    sasl_mechanism: str | None = setting(None, help="SASL mechanism, e.g. PLAIN, SCRAM-SHA-256, SCRAM-SHA-512")
+    sasl_mechanism: str | None = setting(
+        None, help="SASL mechanism, e.g. PLAIN, SCRAM-SHA-256, SCRAM-SHA-512"
+    )
     sasl_plain_username: str | None = setting(None, help="SASL username")
     sasl_plain_password: str | None = setting(None, help="SASL password (prefer the QREC_ env variable)")
     ssl_cafile: str | None = setting(None, help="CA certificate file to verify the brokers")
@@ -128,7 +131,9 @@ def _convert(name: str, raw: Any, annotation: Any, origin: str) -> Any:
             items = raw if isinstance(raw, list | tuple) else [s for s in str(raw).split(",") if s]
             return tuple(str(i) for i in items)
     except ValueError:
-        raise ConfigError(f"{origin}: {name} must be {getattr(kind, '__name__', kind)}, got {raw!r}") from None
+        raise ConfigError(
+            f"{origin}: {name} must be {getattr(kind, '__name__', kind)}, got {raw!r}"
+        ) from None
     return raw
 
 
@@ -161,10 +166,14 @@ def load_config(
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
         everything = known_keys() | set(fields)
         unknown = sorted(
-            k for k, v in document.items() if k not in everything and not (isinstance(v, dict) and k in _REGISTRY)
+            k
+            for k, v in document.items()
+            if k not in everything and not (isinstance(v, dict) and k in _REGISTRY)
         )
         if unknown:
-            raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(everything))}")
+            raise ConfigError(
+                f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(everything))}"
+            )
         for key, value in document.items():
             if key in fields and not isinstance(value, dict):
                 values[key] = _convert(key, value, hints[key], str(path))
@@ -180,7 +189,11 @@ def load_config(
 
     everything = known_keys() | set(fields)
     for var, raw in env.items():
-        if not var.startswith(ENV_PREFIX) or var in NON_SETTING_ENV or var.startswith(NON_SETTING_ENV_PREFIXES):
+        if (
+            not var.startswith(ENV_PREFIX)
+            or var in NON_SETTING_ENV
+            or var.startswith(NON_SETTING_ENV_PREFIXES)
+        ):
             continue
         key = var[len(ENV_PREFIX) :].lower()
         if key not in everything:
@@ -227,7 +240,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             help_text += f" (env {env_name})"
         flag = "--" + f.name.replace("_", "-")
         if kind is bool:
-            parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
+            parser.add_argument(
+                flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=help_text
+            )
         else:
             parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
 

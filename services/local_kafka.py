@@ -48,10 +48,20 @@ def _tail(path: Path, lines: int) -> list[str]:
 class LocalKafka:
     """A single-node Apache Kafka broker run as a child process from deploy/kafka/kafka.sh."""
 
-    def __init__(self, directory: Path, port: int | None = None, timeout_s: float = 120) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        port: int | None = None,
+        timeout_s: float = 120,
+        *,
+        owner_pid: int | None = None,
+    ) -> None:
+        """`owner_pid`: stop the broker once that process has exited (e.g. `os.getpid()` in test fixtures,
+        so that a killed test run leaves no broker behind); None keeps it running until `stop()`."""
         self.directory = Path(directory).resolve()
         self.port = port
         self.timeout_s = timeout_s
+        self.owner_pid = owner_pid
         self._bootstrap_servers: str | None = None
 
     def __repr__(self) -> str:
@@ -108,6 +118,8 @@ class LocalKafka:
         args = ["start", "--dir", str(self.directory), "--timeout", str(max(1, round(self.timeout_s)))]
         if self.port is not None:
             args += ["--port", str(self.port)]
+        if self.owner_pid is not None:
+            args += ["--owner-pid", str(self.owner_pid)]
         try:
             result = self._run(args, self.timeout_s + 60)
         except LocalKafkaError:

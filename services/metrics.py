@@ -52,7 +52,9 @@ class ProcessMetrics:
         self.service = service
         self.info = Info("qrec_build", "qrec version and the service this process runs", registry=registry)
         self.info.info({"version": __version__, "service": service})
-        self.up = Gauge("qrec_service_up", "1 while the service loop is running", ["service"], registry=registry)
+        self.up = Gauge(
+            "qrec_service_up", "1 while the service loop is running", ["service"], registry=registry
+        )
         self.dead_letters = Counter(
             "qrec_dead_letters_total",
             "Inputs sent to the dead-letter topic instead of being processed, by reason",

@@ -31,7 +31,7 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafk
     if external:
         yield ExternalKafka(external)
         return
-    broker = LocalKafka(tmp_path_factory.mktemp("kafka"), timeout_s=120)
+    broker = LocalKafka(tmp_path_factory.mktemp("kafka"), timeout_s=120, owner_pid=os.getpid())
     try:
         broker.start()
     except LocalKafkaError as e:
@@ -60,7 +60,9 @@ def local_kafka_factory(tmp_path: Path) -> Iterator[Callable[..., LocalKafka]]:
     started: list[LocalKafka] = []
 
     def start(port: int | None = None, timeout_s: float = 120) -> LocalKafka:
-        broker = LocalKafka(tmp_path / f"kafka-{len(started) + 1}", port=port, timeout_s=timeout_s)
+        broker = LocalKafka(
+            tmp_path / f"kafka-{len(started) + 1}", port=port, timeout_s=timeout_s, owner_pid=os.getpid()
+        )
         started.append(broker)
         try:
             return broker.start()

@@ -47,7 +47,10 @@ def test_promtool_accepts_the_exposition() -> None:
     promtool = shutil.which("promtool")
     assert promtool, "promtool is missing: `make test` installs the Debian package prometheus"
     result = subprocess.run(
-        [promtool, "check", "metrics"], input=generate_latest(filled_registry()), capture_output=True, timeout=30
+        [promtool, "check", "metrics"],
+        input=generate_latest(filled_registry()),
+        capture_output=True,
+        timeout=30,
     )
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
 
@@ -82,11 +85,19 @@ def test_real_prometheus_scrapes_a_running_replay(
     env = {k: v for k, v in os.environ.items() if not k.startswith("QREC_")}
     process = subprocess.Popen(
         [
-            sys.executable, "-m", "services.cli", "replay", str(log),
-            "--bootstrap-servers", bootstrap_servers,
-            "--topic", unique_name("clickstream"),
-            "--speed", "1",
-            "--metrics-port", str(port),
+            sys.executable,
+            "-m",
+            "services.cli",
+            "replay",
+            str(log),
+            "--bootstrap-servers",
+            bootstrap_servers,
+            "--topic",
+            unique_name("clickstream"),
+            "--speed",
+            "1",
+            "--metrics-port",
+            str(port),
             "--no-progress",
         ],
         env=env,
@@ -109,7 +120,9 @@ def test_real_prometheus_scrapes_a_running_replay(
         wait_until(produced_one, timeout_s=60, what="the replay to produce its first event")
         with urllib.request.urlopen(url, timeout=5) as response:
             exposition = response.read()
-        check = subprocess.run(["promtool", "check", "metrics"], input=exposition, capture_output=True, timeout=30)
+        check = subprocess.run(
+            ["promtool", "check", "metrics"], input=exposition, capture_output=True, timeout=30
+        )
         assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
 
         prometheus = prometheus_server([f"127.0.0.1:{port}"])

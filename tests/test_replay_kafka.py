@@ -65,7 +65,11 @@ def test_taobao_sample_replays_through_kafka_and_records_back_identically(
     expected = [e for row in read_log(TAOBAO) for e in row.events]
     topic, dead = unique_name("clickstream"), unique_name("dead-letter")
     config = ReplayConfig(
-        log=str(TAOBAO), bootstrap_servers=bootstrap_servers, topic=topic, dead_letter_topic=dead, progress=False
+        log=str(TAOBAO),
+        bootstrap_servers=bootstrap_servers,
+        topic=topic,
+        dead_letter_topic=dead,
+        progress=False,
     )
     registry = CollectorRegistry()
     summary = run_replay(config, kafka_bus, registry)
@@ -77,7 +81,9 @@ def test_taobao_sample_replays_through_kafka_and_records_back_identically(
     assert registry.get_sample_value("qrec_dead_letters_total", labels) == 1
 
     out = tmp_path / "recorded.jsonl"
-    record_config = RecordConfig(topic=topic, out=str(out), bootstrap_servers=bootstrap_servers, progress=False)
+    record_config = RecordConfig(
+        topic=topic, out=str(out), bootstrap_servers=bootstrap_servers, progress=False
+    )
     recorded = run_record(record_config, kafka_bus)
     assert recorded.records == len(expected)
     got = decode_events(out.read_bytes().splitlines())
@@ -87,8 +93,13 @@ def test_taobao_sample_replays_through_kafka_and_records_back_identically(
     # The recorded file replays to the same topic contents: recording it again gives the same bytes.
     topic2 = unique_name("clickstream")
     again = run_replay(
-        ReplayConfig(log=str(out), bootstrap_servers=bootstrap_servers, topic=topic2, dead_letter_topic=dead,
-                     progress=False),
+        ReplayConfig(
+            log=str(out),
+            bootstrap_servers=bootstrap_servers,
+            topic=topic2,
+            dead_letter_topic=dead,
+            progress=False,
+        ),
         kafka_bus,
     )
     assert again.events_produced == len(expected) and again.invalid_rows == 0
@@ -107,8 +118,14 @@ def test_taobao_sample_replays_through_kafka_and_records_back_identically(
 def malformed_log(path: Path) -> tuple[list[ClickEvent], dict[int, str]]:
     """A JSONL log mixing valid events with every kind of bad line; returns (valid, line -> reason)."""
     valid = [
-        ClickEvent(event_id=f"e{i}", user_id=f"u{i % 3}", session_id="s", event_type="view", timestamp=1000 + i,
-                   item_id=f"i{i}")
+        ClickEvent(
+            event_id=f"e{i}",
+            user_id=f"u{i % 3}",
+            session_id="s",
+            event_type="view",
+            timestamp=1000 + i,
+            item_id=f"i{i}",
+        )
         for i in range(6)
     ]
     good = [encode(e) for e in valid]
@@ -122,25 +139,41 @@ def malformed_log(path: Path) -> tuple[list[ClickEvent], dict[int, str]]:
     lines.append(good[0])
     add_bad(b'{"event_id": "x1", "user_id": ', "invalid_json")
     lines.append(good[1])
-    add_bad(b'{"event_id": "x2", "user_id": "u", "event_type": "view", "timestamp": 5, "item_id": "i"}',
-            "missing_field")
-    add_bad(b'{"event_id": "x3", "user_id": "u", "session_id": "s", "event_type": "view", "timestamp": "noon", '
-            b'"item_id": "i"}', "wrong_type")
+    add_bad(
+        b'{"event_id": "x2", "user_id": "u", "event_type": "view", "timestamp": 5, "item_id": "i"}',
+        "missing_field",
+    )
+    add_bad(
+        b'{"event_id": "x3", "user_id": "u", "session_id": "s", "event_type": "view", "timestamp": "noon", '
+        b'"item_id": "i"}',
+        "wrong_type",
+    )
     lines.append(good[2])
-    add_bad(b'{"event_id": "x4", "user_id": "u", "session_id": "s", "event_type": "teleport", "timestamp": 5, '
-            b'"item_id": "i"}', "unknown_event_type")
-    add_bad(b'{"event_id": "x5", "user_id": "u", "session_id": "s", "event_type": "view", "timestamp": 5, '
-            b'"item_id": "' + b"i" * 100_000 + b'"}', "oversized")
+    add_bad(
+        b'{"event_id": "x4", "user_id": "u", "session_id": "s", "event_type": "teleport", "timestamp": 5, '
+        b'"item_id": "i"}',
+        "unknown_event_type",
+    )
+    add_bad(
+        b'{"event_id": "x5", "user_id": "u", "session_id": "s", "event_type": "view", "timestamp": 5, '
+        b'"item_id": "' + b"i" * 100_000 + b'"}',
+        "oversized",
+    )
     lines.append(good[3])
-    add_bad(b'{"event_id": "x6", "user_id": "\xff\xfeu", "session_id": "s", "event_type": "view", '
-            b'"timestamp": 5, "item_id": "i"}', "not_utf8")
+    add_bad(
+        b'{"event_id": "x6", "user_id": "\xff\xfeu", "session_id": "s", "event_type": "view", '
+        b'"timestamp": 5, "item_id": "i"}',
+        "not_utf8",
+    )
     lines.append(good[4])
     lines.append(good[5])
     path.write_bytes(b"\n".join(lines) + b"\n")
     return valid, bad
 
 
-def check_malformed_replay(bus: Bus, config: ReplayConfig, valid: list[ClickEvent], bad: dict[int, str]) -> None:
+def check_malformed_replay(
+    bus: Bus, config: ReplayConfig, valid: list[ClickEvent], bad: dict[int, str]
+) -> None:
     summary = run_replay(config, bus, CollectorRegistry())
     assert summary.events_produced == len(valid)
     assert summary.invalid_rows == len(bad)
@@ -179,8 +212,14 @@ def test_malformed_lines_go_to_dead_letters_on_kafka(
 
 def test_replay_limit_time_range_and_pacing(tmp_path: Path) -> None:
     events = [
-        ClickEvent(event_id=f"e{i}", user_id="u", session_id="s", event_type="click", timestamp=1_000_000 + i * 2000,
-                   item_id=f"i{i}")
+        ClickEvent(
+            event_id=f"e{i}",
+            user_id="u",
+            session_id="s",
+            event_type="click",
+            timestamp=1_000_000 + i * 2000,
+            item_id=f"i{i}",
+        )
         for i in range(10)
     ]
     log = tmp_path / "log.jsonl"

@@ -27,6 +27,7 @@ Commands:
       Does nothing when the folder already holds the jars. Needs network access the first time.
 
   start --dir DIR [--port P] [--controller-port C] [--timeout S] [--override KEY=VALUE]...
+        [--owner-pid PID]
       Start a broker in the background with its configuration, data and logs under DIR:
         DIR/server.properties  the broker configuration (written on every start)
         DIR/data/              the Kafka log directory (topics, metadata); kept across restarts
@@ -43,6 +44,8 @@ Commands:
       --controller-port C  KRaft controller port; default picked the same way
       --timeout S          seconds to wait for readiness (default 90)
       --override KEY=VALUE an extra broker property, appended to server.properties (repeatable)
+      --owner-pid PID      stop the broker (as stop does) once process PID has exited, checked every
+                           2 s; test fixtures pass their own pid so a killed test run leaks no broker
       If a broker already runs from DIR, prints its address and exits 0.
 
   run --dir DIR [--port P] [--controller-port C] [--override KEY=VALUE]...
@@ -157,6 +160,7 @@ PORT=""
 CONTROLLER_PORT=""
 TIMEOUT=""
 OVERRIDES=()
+OWNER_PID=""
 
 parse_options() {
     local allowed="$1"
@@ -164,7 +168,7 @@ parse_options() {
     while [[ $# -gt 0 ]]; do
         local opt="$1"
         case "$opt" in
-        --dir | --port | --controller-port | --timeout | --override)
+        --dir | --port | --controller-port | --timeout | --override | --owner-pid)
             [[ " $allowed " == *" $opt "* ]] || usage_error "option $opt is not accepted here"
             [[ $# -ge 2 ]] || usage_error "option $opt needs a value"
             case "$opt" in
@@ -173,10 +177,11 @@ parse_options() {
             --controller-port) CONTROLLER_PORT="$2" ;;
             --timeout) TIMEOUT="$2" ;;
             --override) OVERRIDES+=("$2") ;;
+            --owner-pid) OWNER_PID="$2" ;;
             esac
             shift 2
             ;;
-        --dir=* | --port=* | --controller-port=* | --timeout=* | --override=*)
+        --dir=* | --port=* | --controller-port=* | --timeout=* | --override=* | --owner-pid=*)
             shift
             set -- "${opt%%=*}" "${opt#*=}" "$@" # --opt=value -> --opt value
             ;;
@@ -193,6 +198,7 @@ parse_options() {
         [[ -z "$p" || ("$p" =~ ^[0-9]+$ && "$p" -ge 1 && "$p" -le 65535) ]] || usage_error "not a port: $p"
     done
     [[ -z "$TIMEOUT" || "$TIMEOUT" =~ ^[0-9]+$ ]] || usage_error "--timeout wants whole seconds, got: $TIMEOUT"
+    [[ -z "$OWNER_PID" || "$OWNER_PID" =~ ^[0-9]+$ ]] || usage_error "--owner-pid wants a process id, got: $OWNER_PID"
     local o
     for o in "${OVERRIDES[@]+"${OVERRIDES[@]}"}"; do
         [[ "$o" == ?*=* ]] || usage_error "--override wants KEY=VALUE, got: $o"
@@ -416,6 +422,19 @@ kill_broker() { # kill_broker PID TIMEOUT: SIGTERM, wait, SIGKILL
     return 0
 }
 
+# Runs in the background: stops the broker once the process OWNER_PID has exited.
+watch_owner() {
+    local pid="$1"
+    set +e
+    while kill -0 "$OWNER_PID" 2>/dev/null && is_our_broker "$pid"; do
+        sleep 2
+    done
+    if is_our_broker "$pid"; then
+        kill_broker "$pid" 30
+        rm -f "$DIR/kafka.pid"
+    fi
+}
+
 abort_start() {
     echo "$PROG: interrupted; stopping the broker that was starting" >&2
     kill_broker "$STARTING_PID" 5
@@ -427,7 +446,7 @@ abort_start() {
 # commands
 
 cmd_start() {
-    parse_options "--dir --port --controller-port --timeout --override" "$@"
+    parse_options "--dir --port --controller-port --timeout --override --owner-pid" "$@"
     local timeout="${TIMEOUT:-90}" pid
     pid="$(running_pid)"
     if [[ -n "$pid" ]]; then
@@ -471,6 +490,9 @@ cmd_start() {
         sleep 0.2
     done
     trap - INT TERM HUP
+    if [[ -n "$OWNER_PID" ]]; then
+        watch_owner "$pid" </dev/null >/dev/null 2>&1 &
+    fi
     echo "$PROG: broker ready in $((SECONDS - start_s))s (pid $pid, logs in $DIR/logs)" >&2
     echo "127.0.0.1:$PORT"
 }

@@ -137,10 +137,7 @@ class KafkaBus:
 
 
 def _response_topics(response: Any) -> list[dict[str, Any]]:
-    if isinstance(response, dict):
-        topics = response.get("topics", [])
-    else:
-        topics = getattr(response, "topics", [])
+    topics = response.get("topics", []) if isinstance(response, dict) else getattr(response, "topics", [])
     result = []
     for topic in topics:
         if isinstance(topic, dict):
@@ -174,7 +171,9 @@ class KafkaBusProducer:
         try:
             return KafkaProducer(**self._configs)
         except KafkaError as exc:
-            raise BusError(f"cannot create a producer for {self._configs['bootstrap_servers']}: {exc}") from exc
+            raise BusError(
+                f"cannot create a producer for {self._configs['bootstrap_servers']}: {exc}"
+            ) from exc
 
     def _failed(self, exc: BaseException) -> None:
         self._errors.append(exc)
@@ -333,7 +332,9 @@ class KafkaBusConsumer:
         self._consumer.close(autocommit=False)
 
 
-def raw_consume_rate(settings: KafkaSettings, topic: str, expected: int, timeout_s: float = 120.0) -> tuple[int, float]:
+def raw_consume_rate(
+    settings: KafkaSettings, topic: str, expected: int, timeout_s: float = 120.0
+) -> tuple[int, float]:
     """Consume ``expected`` records of ``topic`` with a bare kafka-python consumer: (count, seconds).
 
     This is the ceiling a Python service on kafka-python can reach; services are measured against it.

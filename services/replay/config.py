@@ -13,10 +13,13 @@ from services.topics import CLICKSTREAM, DEAD_LETTER
 class ReplayConfig(BusConfig):
     """Replays a recorded event log to the clickstream topic."""
 
-    log: str = setting(help="the log file to replay (qrec JSONL or a public layout, see --format)", positional=True)
+    log: str = setting(
+        help="the log file to replay (qrec JSONL or a public layout, see --format)", positional=True
+    )
     format: str = setting(
         "auto",
-        help="log layout: auto, jsonl, taobao, diginetica, rees46, otto, yoochoose, yoochoose-buys, session-tsv",
+        help="log layout: auto, jsonl, taobao, diginetica, rees46, otto, yoochoose, yoochoose-buys, "
+        "session-tsv",
     )
     topic: str = setting(CLICKSTREAM, help="topic the events are produced to")
     dead_letter_topic: str = setting(DEAD_LETTER, help="topic rows that do not parse go to, with the reason")

@@ -17,7 +17,6 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
-    MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeElapsedColumn,
@@ -43,7 +42,10 @@ class ReplayMetrics(ProcessMetrics):
     def __init__(self, registry: CollectorRegistry) -> None:
         super().__init__(registry, "replay")
         self.rows = Counter(
-            "qrec_replay_rows_total", "Log rows read, by outcome (ok, invalid)", ["outcome"], registry=registry
+            "qrec_replay_rows_total",
+            "Log rows read, by outcome (ok, invalid)",
+            ["outcome"],
+            registry=registry,
         )
         self.events = Counter(
             "qrec_replay_events_produced_total", "Click events produced to the clickstream", registry=registry
@@ -157,9 +159,7 @@ def run_replay(
                 if wait > 0:
                     producer.flush()
                     sleep(wait)
-                producer.send(
-                    config.topic, event.user_id.encode(), encode(event), headers=(SCHEMA_HEADER,)
-                )
+                producer.send(config.topic, event.user_id.encode(), encode(event), headers=(SCHEMA_HEADER,))
                 summary.events_produced += 1
                 metrics.events.inc()
                 metrics.event_time.set(event.timestamp / 1000.0)
@@ -274,7 +274,9 @@ def _write(handle: IO[bytes], record: Record, summary: RecordSummary) -> None:
     summary.records += 1
 
 
-def _follow(consumer: Any, handle: IO[bytes], summary: RecordSummary, to_ms: int | None, idle_s: float) -> None:
+def _follow(
+    consumer: Any, handle: IO[bytes], summary: RecordSummary, to_ms: int | None, idle_s: float
+) -> None:
     last = time.monotonic()
     while True:
         batch = consumer.poll(max_records=5000, timeout_s=0.5)

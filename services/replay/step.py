@@ -9,7 +9,7 @@ def parse_time_ms(text: str) -> int:
     """Milliseconds since the epoch from ISO 8601 (naive means UTC) or unix seconds."""
     value = text.strip()
     try:
-        return int(round(float(value) * 1000))
+        return round(float(value) * 1000)
     except ValueError:
         pass
     try:
@@ -20,7 +20,7 @@ def parse_time_ms(text: str) -> int:
         ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
-    return int(round(parsed.timestamp() * 1000))
+    return round(parsed.timestamp() * 1000)
 
 
 def in_range(timestamp_ms: int, from_ms: int | None, to_ms: int | None) -> bool:

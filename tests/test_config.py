@@ -1,0 +1,86 @@
+"""Configuration precedence (flags > QREC_* env > TOML > defaults) and unknown-key rejection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.config import BusConfig, ConfigError, load_config
+from services.replay.config import RecordConfig, ReplayConfig
+
+
+def test_precedence_is_flags_then_env_then_file_then_defaults(tmp_path: Path) -> None:
+    file = tmp_path / "qrec.toml"
+    file.write_text('client_id = "from-file"\nspeed = "3"\n[replay]\nlimit = 7\npartitions = 2\n')
+    env = {"QREC_LIMIT": "9", "QREC_PARTITIONS": "4"}
+    config = load_config(ReplayConfig, {"log": "x.csv", "partitions": "5"}, env=env, config_file=file)
+    assert config.partitions == 5  # flag beats env and file
+    assert config.limit == 9  # env beats file
+    assert config.speed == "3"  # top-level file key
+    assert config.client_id == "from-file"
+    assert config.format == "auto"  # default
+    assert config.log == "x.csv"
+
+
+def test_unknown_keys_are_rejected_with_their_name(tmp_path: Path) -> None:
+    file = tmp_path / "qrec.toml"
+    file.write_text("[replay]\nlimt = 7\n")
+    with pytest.raises(ConfigError, match="limt"):
+        load_config(ReplayConfig, {"log": "x"}, env={}, config_file=file)
+    file.write_text("bootstrap_server = 'x'\n")
+    with pytest.raises(ConfigError, match="bootstrap_server"):
+        load_config(ReplayConfig, {"log": "x"}, env={}, config_file=file)
+    with pytest.raises(ConfigError, match="QREC_SPEEED"):
+        load_config(ReplayConfig, {"log": "x"}, env={"QREC_SPEEED": "2"})
+
+
+def test_settings_of_other_processes_in_env_and_file_are_allowed(tmp_path: Path) -> None:
+    file = tmp_path / "qrec.toml"
+    file.write_text("[record]\nfollow = true\n")
+    # QREC_FOLLOW belongs to `record`; `replay` ignores it instead of failing.
+    config = load_config(ReplayConfig, {"log": "x"}, env={"QREC_FOLLOW": "1"}, config_file=file)
+    assert config.log == "x"
+    record = load_config(RecordConfig, {"topic": "t", "out": "-"}, env={}, config_file=file)
+    assert record.follow is True
+
+
+def test_values_are_typed_and_validated() -> None:
+    config = load_config(ReplayConfig, {"log": "x"}, env={"QREC_PROGRESS": "no", "QREC_METRICS_PORT": "9100"})
+    assert config.progress is False and config.metrics_port == 9100
+    with pytest.raises(ConfigError, match="limit must be int"):
+        load_config(ReplayConfig, {"log": "x", "limit": "many"}, env={})
+    with pytest.raises(ConfigError, match="speed"):
+        load_config(ReplayConfig, {"log": "x", "speed": "fast"}, env={})
+    with pytest.raises(ConfigError, match="security_protocol"):
+        load_config(BusConfig, {"security_protocol": "TLS"}, env={})
+    with pytest.raises(ConfigError, match="missing required setting"):
+        load_config(ReplayConfig, {}, env={})
+
+
+def test_configs_are_frozen() -> None:
+    config = load_config(BusConfig, {}, env={})
+    with pytest.raises(AttributeError):
+        config.bootstrap_servers = "elsewhere"  # type: ignore[misc]
+
+
+def test_security_settings_pass_through_to_the_kafka_client() -> None:
+    from services.config import kafka_settings
+
+    config = load_config(
+        BusConfig,
+        {
+            "bootstrap_servers": "broker:9093",
+            "security_protocol": "SASL_SSL",
+            "sasl_mechanism": "SCRAM-SHA-512",
+            "sasl_plain_username": "qrec",
+            "ssl_cafile": "/etc/ca.pem",
+        },
+        env={"QREC_SASL_PLAIN_PASSWORD": "secret"},
+    )
+    client = kafka_settings(config).client_configs()
+    assert client["security_protocol"] == "SASL_SSL"
+    assert client["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert client["sasl_plain_username"] == "qrec" and client["sasl_plain_password"] == "secret"
+    assert client["ssl_cafile"] == "/etc/ca.pem"
+    assert client["bootstrap_servers"] == ["broker:9093"]
