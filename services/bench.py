@@ -108,7 +108,7 @@ def _bench_log(directory: Path, quick: bool) -> Path:
     return path
 
 
-def bench_kafka(quick: bool, bootstrap_servers: str | None, console: Console, **_: Any) -> dict[str, Any]:
+def bench_kafka(quick: bool, servers: str) -> dict[str, Any]:
     """Replay into the real broker (produce rate), then the raw kafka-python consume rate of that topic."""
     from prometheus_client import CollectorRegistry
 
@@ -117,7 +117,7 @@ def bench_kafka(quick: bool, bootstrap_servers: str | None, console: Console, **
     from services.replay.service import run_replay
 
     results: dict[str, Any] = {}
-    with _broker(bootstrap_servers, console) as servers, tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         log = _bench_log(Path(tmp), quick)
         topic = f"bench.clickstream.{uuid.uuid4().hex[:8]}"
         config = ReplayConfig(
@@ -138,7 +138,6 @@ def bench_kafka(quick: bool, bootstrap_servers: str | None, console: Console, **
             "produce_events_per_s": round(summary.events_per_second),
             "events": summary.events_produced,
             "log": log.name,
-            "bootstrap_servers": "local broker" if bootstrap_servers is None else "given",
         }
         consumed, seconds = raw_consume_rate(
             KafkaSettings(bootstrap_servers=servers), topic, summary.events_produced
@@ -151,10 +150,106 @@ def bench_kafka(quick: bool, bootstrap_servers: str | None, console: Console, **
     return results
 
 
+def bench_state_builder(quick: bool, servers: str) -> dict[str, Any]:
+    """The state-builder end to end on the real broker (consume, decode, update, produce, commit) in one
+    process, next to the raw kafka-python consume rate of the same topic measured in the same run."""
+    import threading
+
+    from prometheus_client import CollectorRegistry
+
+    from services.bus.kafka import KafkaBus, KafkaSettings, raw_consume_rate
+    from services.replay.config import ReplayConfig
+    from services.replay.service import run_replay
+    from services.state_builder.config import StateBuilderConfig
+    from services.state_builder.service import StateBuilder
+    from services.topics import topic_specs
+
+    suffix = uuid.uuid4().hex[:8]
+    names = {
+        "clickstream_topic": f"bench.sb.clicks.{suffix}",
+        "recommendations_topic": f"bench.sb.recs.{suffix}",
+        "user_state_topic": f"bench.sb.state.{suffix}",
+        "transitions_topic": f"bench.sb.transitions.{suffix}",
+        "dead_letter_topic": f"bench.sb.dead.{suffix}",
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = KafkaSettings(bootstrap_servers=servers)
+        bus = KafkaBus(settings)
+        renamed = {
+            "qrec.clickstream.v1": names["clickstream_topic"],
+            "qrec.recommendations.v1": names["recommendations_topic"],
+            "qrec.user-state.v1": names["user_state_topic"],
+            "qrec.transitions.v1": names["transitions_topic"],
+            "qrec.dead-letter.v1": names["dead_letter_topic"],
+        }
+        from services.bus.base import TopicSpec
+
+        bus.create_topics(
+            [TopicSpec(renamed[s.name], s.partitions, s.configs) for s in topic_specs(6) if s.name in renamed]
+        )
+        log = _bench_log(Path(tmp), quick)
+        limit = 20_000 if quick else None
+        summary = run_replay(
+            ReplayConfig(
+                log=str(log),
+                bootstrap_servers=servers,
+                topic=names["clickstream_topic"],
+                dead_letter_topic=names["dead_letter_topic"],
+                order="time",
+                limit=limit,
+                progress=False,
+                create_topics=False,
+            ),
+            bus,
+        )
+        events = summary.events_produced
+        consumed, seconds = raw_consume_rate(settings, names["clickstream_topic"], events)
+        ceiling = consumed / seconds if seconds > 0 else 0.0
+        config = StateBuilderConfig(
+            bootstrap_servers=servers,
+            group_id=f"bench-sb-{suffix}",
+            create_topics=False,
+            clickstream_topic=names["clickstream_topic"],
+            recommendations_topic=names["recommendations_topic"],
+            user_state_topic=names["user_state_topic"],
+            transitions_topic=names["transitions_topic"],
+            dead_letter_topic=names["dead_letter_topic"],
+        )
+        builder = StateBuilder(config, KafkaBus(settings), CollectorRegistry())
+        stop = threading.Event()
+        started = time.perf_counter()
+        first_record: list[float] = []
+
+        def watch() -> None:
+            while not stop.is_set():
+                if builder.stats.records and not first_record:
+                    first_record.append(time.perf_counter())
+                if builder.stats.records >= events:
+                    stop.set()
+                time.sleep(0.005)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        stats = builder.run(stop, idle_exit_s=60)
+        elapsed = time.perf_counter() - (first_record[0] if first_record else started)
+        bus.close()
+    rate = stats.records / elapsed if elapsed > 0 else 0.0
+    return {
+        "events_per_s": round(rate),
+        "client_ceiling_events_per_s": round(ceiling),
+        "ratio": round(rate / ceiling, 3) if ceiling else 0.0,
+        "events": stats.records,
+        "states_published": stats.states,
+        "transitions_published": stats.transitions,
+        "client": "kafka-python",
+    }
+
+
 BENCHMARKS: dict[str, str] = {
     "codec": "typed ClickEvent decode rate per core (decode_events_per_s)",
     "replay": "replay of a real log into the real broker (produce_events_per_s)",
     "kafka_consume": "raw kafka-python consume rate on the same broker (events_per_s)",
+    "state_builder": "state-builder throughput on the real broker next to the raw consume rate (ratio)",
 }
 
 
@@ -172,10 +267,15 @@ def run_benchmarks(
     if "codec" in names:
         console.print("bench codec ...")
         results["codec"] = bench_codec(quick)
-    if "replay" in names or "kafka_consume" in names:
-        console.print("bench replay + kafka_consume ...")
-        kafka_results = bench_kafka(quick, bootstrap_servers, console)
-        results.update({k: v for k, v in kafka_results.items() if k in names})
+    if {"replay", "kafka_consume", "state_builder"} & set(names):
+        with _broker(bootstrap_servers, console) as servers:
+            if "replay" in names or "kafka_consume" in names:
+                console.print("bench replay + kafka_consume ...")
+                kafka_results = bench_kafka(quick, servers)
+                results.update({k: v for k, v in kafka_results.items() if k in names})
+            if "state_builder" in names:
+                console.print("bench state_builder ...")
+                results["state_builder"] = bench_state_builder(quick, servers)
     results["_meta"] = {
         "quick": quick,
         "python": platform.python_version(),

@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +144,83 @@ def cmd_record(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handle(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    return stop
+
+
+def cmd_state_builder(args: argparse.Namespace) -> int:
+    from services.state_builder.config import StateBuilderConfig
+    from services.state_builder.service import StateBuilder
+
+    config = config_from_args(StateBuilderConfig, args)
+    if config.bootstrap_servers == "embedded":
+        raise ConfigError(
+            "the state-builder runs as its own process and needs Kafka: pass --bootstrap-servers HOST:PORT "
+            "(qrec demo runs every service on the embedded bus in one process)"
+        )
+    registry = CollectorRegistry()
+    _serve(config, registry)
+    stop = _stop_on_signals()
+    bus = make_bus(
+        config,
+        session_timeout_ms=config.session_timeout_ms,
+        heartbeat_interval_ms=max(100, config.session_timeout_ms // 4),
+    )
+    try:
+        builder = StateBuilder(config, bus, registry)
+        console.print(
+            f"state-builder consuming {config.clickstream_topic} and {config.recommendations_topic}"
+        )
+        stats = builder.run(stop)
+    finally:
+        bus.close()
+    console.print(
+        f"state-builder stopped: {stats.records:,} records, {stats.states:,} states, "
+        f"{stats.transitions:,} transitions"
+    )
+    return 0
+
+
+@register("forget")
+@dataclass(frozen=True, kw_only=True)
+class ForgetConfig(BusConfig):
+    """Deletes everything qrec keeps about one user."""
+
+    user_id: str = setting(help="the user to forget (as it appears in the clickstream)", positional=True)
+    clickstream_topic: str = setting("qrec.clickstream.v1", help="clickstream topic the state-builders read")
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    from services.state_builder.service import CONTROL_HEADER, FORGET
+
+    config = config_from_args(ForgetConfig, args)
+    if config.bootstrap_servers == "embedded":
+        raise ConfigError("forget talks to your Kafka: pass --bootstrap-servers HOST:PORT")
+    bus = make_bus(config)
+    try:
+        producer = bus.producer()
+        # Sent through the clickstream so it reaches the user's owner in order with their events.
+        producer.send(
+            config.clickstream_topic, config.user_id.encode(), None, headers=((CONTROL_HEADER, FORGET),)
+        )
+        producer.flush()
+        producer.close()
+    finally:
+        bus.close()
+    console.print(
+        f"asked the state-builders to forget {config.user_id!r}: its state and pending recommendations are "
+        "dropped and a tombstone is written to the user-state topic"
+    )
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from services.bench import BENCHMARKS, run_benchmarks
 
@@ -184,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     from services.replay.config import RecordConfig, ReplayConfig
+    from services.state_builder.config import StateBuilderConfig
 
     topics = sub("topics", "create qrec's topics (idempotent) and show them", cmd_topics)
     topics.add_argument("action", choices=["create"], help="what to do with the topics")
@@ -200,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub("record", "write a topic (or a time range of it) to JSONL that replay reads", cmd_record),
         RecordConfig,
     )
+    add_arguments(
+        sub(
+            "state-builder", "build per-user state and RL transitions from the clickstream", cmd_state_builder
+        ),
+        StateBuilderConfig,
+    )
+    add_arguments(sub("forget", "delete everything qrec keeps about one user", cmd_forget), ForgetConfig)
     bench = sub("bench", "run benchmarks and write their figures as JSON", cmd_bench)
     bench.add_argument(
         "names",

@@ -10,7 +10,7 @@ import pytest
 
 from services.cli import main
 
-COMMANDS = ["topics", "replay", "record", "bench", "demo"]
+COMMANDS = ["topics", "replay", "record", "state-builder", "forget", "bench", "demo"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

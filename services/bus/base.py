@@ -58,7 +58,11 @@ class BusError(RuntimeError):
 
 
 class Producer(Protocol):
-    """Sends records; ``flush`` returns only when every record sent so far is acknowledged."""
+    """Sends records; ``flush`` returns only when every record sent so far is acknowledged.
+
+    The partition is chosen from the key (murmur2) unless ``partition`` is given: services that
+    derive outputs from an input partition write them to the same partition number.
+    """
 
     def send(
         self,
@@ -68,6 +72,7 @@ class Producer(Protocol):
         *,
         timestamp_ms: int | None = None,
         headers: Sequence[tuple[str, bytes]] = (),
+        partition: int | None = None,
     ) -> None: ...
 
     def flush(self, timeout_s: float | None = None) -> None: ...

@@ -138,6 +138,7 @@ class EmbeddedBus:
         value: bytes | None,
         timestamp_ms: int | None,
         headers: tuple[tuple[str, bytes], ...],
+        partition_index: int | None = None,
     ) -> Record:
         with self._lock:
             spec, partitions = self._topic(topic)
@@ -147,9 +148,13 @@ class EmbeddedBus:
                 raise BusError(
                     f"record of {size} bytes is larger than max.message.bytes={limit} of topic {topic}"
                 )
-            if key is None:
-                if spec.compacted:
-                    raise BusError(f"compacted topic {topic} needs a key on every record")
+            if key is None and spec.compacted:
+                raise BusError(f"compacted topic {topic} needs a key on every record")
+            if partition_index is not None:
+                if not 0 <= partition_index < len(partitions):
+                    raise BusError(f"{topic} has no partition {partition_index}")
+                index = partition_index
+            elif key is None:
                 index = min(range(len(partitions)), key=lambda p: partitions[p].next_offset)
             else:
                 index = partition_for_key(key, len(partitions))
@@ -220,8 +225,9 @@ class EmbeddedProducer:
         *,
         timestamp_ms: int | None = None,
         headers: Sequence[tuple[str, bytes]] = (),
+        partition: int | None = None,
     ) -> None:
-        self._bus._append(topic, key, value, timestamp_ms, tuple(headers))
+        self._bus._append(topic, key, value, timestamp_ms, tuple(headers), partition)
 
     def flush(self, timeout_s: float | None = None) -> None:
         """Every send is already appended; nothing is buffered."""

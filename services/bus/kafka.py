@@ -186,10 +186,16 @@ class KafkaBusProducer:
         *,
         timestamp_ms: int | None = None,
         headers: Sequence[tuple[str, bytes]] = (),
+        partition: int | None = None,
     ) -> None:
         try:
             future = self._producer.send(
-                topic, value=value, key=key, timestamp_ms=timestamp_ms, headers=list(headers) or None
+                topic,
+                value=value,
+                key=key,
+                timestamp_ms=timestamp_ms,
+                headers=list(headers) or None,
+                partition=partition,
             )
         except KafkaError as exc:
             raise BusError(f"sending to {topic} failed: {exc}") from exc

@@ -23,6 +23,11 @@ class ReplayConfig(BusConfig):
     )
     topic: str = setting(CLICKSTREAM, help="topic the events are produced to")
     dead_letter_topic: str = setting(DEAD_LETTER, help="topic rows that do not parse go to, with the reason")
+    order: str = setting(
+        "file",
+        help="'file' keeps the log's order; 'time' sorts events by time first (in memory), as a live "
+        "stream would interleave users",
+    )
     speed: str = setting(
         "max", help="'max' sends as fast as possible; a number N replays at N times the log's real time"
     )
@@ -47,6 +52,8 @@ class ReplayConfig(BusConfig):
                 raise ConfigError(f"speed must be 'max' or a positive number, got {self.speed!r}") from None
             if value <= 0:
                 raise ConfigError(f"speed must be 'max' or a positive number, got {self.speed!r}")
+        if self.order not in ("file", "time"):
+            raise ConfigError(f"order must be 'file' or 'time', got {self.order!r}")
         if self.limit is not None and self.limit < 0:
             raise ConfigError(f"limit must be >= 0, got {self.limit}")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import heapq
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +29,7 @@ from services.bus.base import Bus, Record, TopicPartition, TopicSpec, seek_to_ti
 from services.dead_letter import DeadLetterSink, dead_letter
 from services.metrics import ProcessMetrics
 from services.replay.config import RecordConfig, ReplayConfig
-from services.replay.formats import read_log
+from services.replay.formats import Row, read_log
 from services.replay.step import Pacer, in_range, parse_time_ms
 from services.topics import topic_specs
 
@@ -94,6 +94,22 @@ def _progress(enabled: bool, console: Console | None) -> Progress | nullcontext[
     )
 
 
+def time_ordered(rows: Iterable[Row]) -> Iterator[Row]:
+    """Rejected rows first (in file order), then one row per event sorted by time (stable)."""
+    events: list[tuple[int, int, int, Row]] = []
+    for row in rows:
+        if row.error is not None:
+            yield row
+            continue
+        for index, event in enumerate(row.events):
+            # Only the first event of a row carries its bytes, so progress still adds up to the file size.
+            part = Row(row.line, row.raw if index == 0 else b"", (event,), None)
+            events.append((event.timestamp, row.line, index, part))
+    events.sort(key=lambda item: item[:3])
+    for *_, row in events:
+        yield row
+
+
 def ensure_topics(bus: Bus, partitions: int, *extra: str) -> None:
     """Create the qrec topics (and any extra ones) that do not exist yet."""
     specs = topic_specs(partitions)
@@ -129,7 +145,10 @@ def run_replay(
     total_bytes = path.stat().st_size
     with _progress(config.progress, console) as progress:
         task = progress.add_task(f"replay {path.name}", total=total_bytes, events=0) if progress else None
-        for row in read_log(path, config.format, session_gap_seconds=config.session_gap_seconds):
+        rows: Iterable[Row] = read_log(path, config.format, session_gap_seconds=config.session_gap_seconds)
+        if config.order == "time":
+            rows = time_ordered(rows)
+        for row in rows:
             summary.rows += 1
             if progress is not None and task is not None:
                 progress.update(task, advance=len(row.raw) + 1, events=summary.events_produced)

@@ -1,0 +1,131 @@
+"""QNetwork: shapes, the shared item table, masking of padding, the dueling and next-item heads."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rl.batch import ObsBatch
+from rl.networks import NetworkConfig, QNetwork, init_params
+
+NUM_ACTIONS = 12
+
+
+def make_obs(items: list[list[int]], features_dim: int = 3) -> ObsBatch:
+    items_array = np.asarray(items, np.int32)  # (B, W)
+    rng = np.random.default_rng(0)
+    return ObsBatch(
+        items=items_array,
+        event_types=np.where(items_array > 0, 1, 0).astype(np.int32),
+        gaps=np.where(items_array > 0, 0.5, 0.0).astype(np.float32),
+        features=rng.normal(size=(len(items), features_dim)).astype(np.float32),
+    )
+
+
+def build(**overrides: object) -> tuple[QNetwork, dict]:
+    config = NetworkConfig.from_dict(
+        {"num_actions": NUM_ACTIONS, "embed_dim": 8, "hidden_sizes": [16], **overrides}
+    )
+    network = QNetwork(config)
+    params = init_params(network, make_obs([[0, 2, 3]]), jax.random.key(0))
+    return network, params
+
+
+@pytest.mark.parametrize("dueling", [False, True])
+def test_shapes_and_gathered_q_matches_full_scores(dueling: bool) -> None:
+    network, params = build(dueling=dueling, next_item_head=True)
+    obs = make_obs([[0, 2, 3], [4, 5, 1], [0, 0, 0]])
+    q = network.apply(params, obs)
+    assert q.shape == (3, NUM_ACTIONS)
+    actions = jnp.array([2, 7, 11])
+    q_taken = network.apply(params, obs, actions, method=QNetwork.q_for_actions)
+    np.testing.assert_allclose(q_taken, q[jnp.arange(3), actions], rtol=1e-5, atol=1e-6)
+    q_taken_2, logits = network.apply(
+        params, obs, actions, method=QNetwork.q_for_actions_and_next_item_logits
+    )
+    np.testing.assert_allclose(q_taken_2, q_taken, rtol=1e-6, atol=1e-6)
+    assert logits.shape == (3, NUM_ACTIONS)
+
+
+def test_scores_are_dot_products_with_the_item_table() -> None:
+    network, params = build()
+    obs = make_obs([[0, 2, 3]])
+    q = network.apply(params, obs)
+    table = params["params"]["item_embedding"]["embedding"]
+    bias = params["params"]["action_bias"]
+    state = (q - bias) @ jnp.linalg.pinv(table.T)  # recover f(s) from the scores
+    np.testing.assert_allclose(state @ table.T + bias, q, rtol=1e-4, atol=1e-4)
+
+
+def test_item_table_is_shared_between_state_and_action_sides() -> None:
+    network, params = build()
+    obs_with_5 = make_obs([[0, 5, 2]])
+    obs_without_5 = make_obs([[0, 6, 2]])
+    changed = jax.tree.map(jnp.copy, params)
+    table = changed["params"]["item_embedding"]["embedding"]
+    changed["params"]["item_embedding"]["embedding"] = table.at[5].add(1.0)
+    before_with, after_with = network.apply(params, obs_with_5), network.apply(changed, obs_with_5)
+    before_without, after_without = (
+        network.apply(params, obs_without_5),
+        network.apply(changed, obs_without_5),
+    )
+    # Action side: Q(s, 5) moves for every state.
+    assert abs(float(after_without[0, 5] - before_without[0, 5])) > 1e-4
+    # Other actions only move where item 5 is in the window (the state side).
+    others = np.array([a for a in range(NUM_ACTIONS) if a != 5])
+    np.testing.assert_allclose(after_without[0, others], before_without[0, others], rtol=0, atol=0)
+    assert float(jnp.max(jnp.abs(after_with[0, others] - before_with[0, others]))) > 1e-4
+
+
+def test_padding_is_masked_but_out_of_vocabulary_counts() -> None:
+    network, params = build()
+    obs = make_obs([[0, 0, 3]])
+    noisy_padding = obs.replace(gaps=obs.gaps.copy())
+    noisy_padding.gaps[0, 0] = 9.0  # a gap in a padded slot must not matter
+    np.testing.assert_array_equal(network.apply(params, obs), network.apply(params, noisy_padding))
+    with_oov = make_obs([[0, 1, 3]])
+    with_oov = with_oov.replace(features=obs.features)
+    assert float(jnp.max(jnp.abs(network.apply(params, with_oov) - network.apply(params, obs)))) > 1e-6
+
+
+def test_dueling_advantages_have_zero_mean() -> None:
+    network, params = build(dueling=True)
+    obs = make_obs([[0, 2, 3], [4, 5, 6]])
+    q = network.apply(params, obs)
+    hidden = network.apply(params, obs, method=QNetwork.encode)
+    value = hidden @ params["params"]["value_head"]["kernel"] + params["params"]["value_head"]["bias"]
+    np.testing.assert_allclose(q.mean(axis=1), value[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_without_a_window_only_features_are_used() -> None:
+    config = NetworkConfig(num_actions=5, embed_dim=4, hidden_sizes=(8,))
+    network = QNetwork(config)
+    obs = ObsBatch(
+        items=np.zeros((2, 0), np.int32),
+        event_types=np.zeros((2, 0), np.int32),
+        gaps=np.zeros((2, 0), np.float32),
+        features=np.eye(2, 6, dtype=np.float32),
+    )
+    params = init_params(network, obs, jax.random.key(1))
+    assert params["params"]["hidden_layers_0"]["kernel"].shape == (6, 8)
+    assert "event_type_embedding" not in params["params"]
+    assert network.apply(params, obs).shape == (2, 5)
+
+
+def test_next_item_logits_need_the_head() -> None:
+    network, params = build()
+    with pytest.raises(ValueError, match="next_item_head"):
+        network.apply(params, make_obs([[0, 2, 3]]), method=QNetwork.next_item_logits)
+
+
+def test_config_validation_and_round_trip() -> None:
+    config = NetworkConfig(num_actions=10, hidden_sizes=(32, 16), dueling=True)
+    assert NetworkConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="'hiden_sizes'"):
+        NetworkConfig.from_dict({"num_actions": 10, "hiden_sizes": [3]})
+    with pytest.raises(ValueError, match="num_actions"):
+        NetworkConfig(num_actions=0)
+    with pytest.raises(TypeError):
+        NetworkConfig(10)  # type: ignore[misc]  # keyword-only

@@ -1,0 +1,328 @@
+"""The learner: target-sync timing, fused updates, row resets, and learning a known Q* for real."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rl.batch import ObsBatch, TransitionBatch, empty_obs_batch, transition_batch
+from rl.benchmark import dqn_update_flops
+from rl.networks import NetworkConfig, QNetwork
+from rl.replay import ReplayBuffer
+from rl.train import (
+    LearnerConfig,
+    TrainState,
+    create_train_state,
+    reset_action_rows,
+    stack_batches,
+    update,
+    update_jit,
+    update_many,
+)
+
+SMALL = NetworkConfig(num_actions=6, embed_dim=4, hidden_sizes=(8,))
+# Shared by several tests so the compiled update is reused (each new static config recompiles).
+PERIODIC = LearnerConfig(target_update="periodic", target_update_period=3, learning_rate=1e-2)
+
+
+def random_batch(rng: np.random.Generator, size: int, num_actions: int, window: int = 2) -> TransitionBatch:
+    def obs() -> ObsBatch:
+        items = rng.integers(0, num_actions, size=(size, window)).astype(np.int32)
+        return ObsBatch(
+            items=items,
+            event_types=np.where(items > 0, 1, 0).astype(np.int32),
+            gaps=rng.random((size, window)).astype(np.float32),
+            features=rng.normal(size=(size, 3)).astype(np.float32),
+        )
+
+    return transition_batch(
+        obs(), rng.integers(2, num_actions, size), rng.normal(size=size), rng.random(size) < 0.3, obs()
+    )
+
+
+def trees_equal(a: object, b: object) -> bool:
+    return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), a, b)))
+
+
+def test_periodic_target_copies_online_params_exactly_at_the_period() -> None:
+    config = PERIODIC
+    rng = np.random.default_rng(0)
+    state = create_train_state(SMALL, config, random_batch(rng, 1, 6).obs_tm1, jax.random.key(0))
+    initial_target = jax.tree.map(np.asarray, state.target_params)
+    assert trees_equal(state.target_params, state.params)
+    network = QNetwork(SMALL)
+    for step in (1, 2):
+        state, _ = update_jit(state, random_batch(rng, 8, 6), network=network, config=config)
+        assert int(state.step) == step
+        assert trees_equal(state.target_params, initial_target), (
+            f"target moved before the period (step {step})"
+        )
+        assert not trees_equal(state.target_params, state.params)
+    state, _ = update_jit(state, random_batch(rng, 8, 6), network=network, config=config)
+    assert int(state.step) == 3
+    assert trees_equal(state.target_params, state.params), "target not synced at the period"
+    synced = jax.tree.map(np.asarray, state.params)
+    state, _ = update_jit(state, random_batch(rng, 8, 6), network=network, config=config)
+    assert trees_equal(state.target_params, synced)
+    assert not trees_equal(state.target_params, state.params)
+
+
+def test_polyak_target_blends_after_one_update() -> None:
+    tau = 0.25
+    config = LearnerConfig(target_update="polyak", polyak_tau=tau, learning_rate=1e-2)
+    rng = np.random.default_rng(1)
+    state = create_train_state(SMALL, config, random_batch(rng, 1, 6).obs_tm1, jax.random.key(0))
+    # Make the old target differ from the online params, so the blend is visible.
+    state = state.replace(target_params=jax.tree.map(lambda x: x + 1.0, state.target_params))
+    old_target = jax.tree.map(np.asarray, state.target_params)
+    new_state, _ = update_jit(state, random_batch(rng, 8, 6), network=QNetwork(SMALL), config=config)
+    expected = jax.tree.map(lambda new, old: tau * new + (1 - tau) * old, new_state.params, old_target)
+    jax.tree.map(
+        lambda actual, want: np.testing.assert_allclose(actual, want, rtol=1e-6, atol=1e-6),
+        new_state.target_params,
+        expected,
+    )
+    assert not trees_equal(new_state.params, state.params)
+
+
+def test_update_many_equals_sequential_updates_and_reports_metrics() -> None:
+    config = PERIODIC  # period 3 within 4 updates: the fused scan must sync mid-way too
+    rng = np.random.default_rng(2)
+    batches = [random_batch(rng, 8, 6) for _ in range(4)]
+    state = create_train_state(SMALL, config, batches[0].obs_tm1, jax.random.key(3))
+    network = QNetwork(SMALL)
+    fused, metrics = update_many(state, stack_batches(batches), network=network, config=config)
+    sequential = state
+    for batch in batches:
+        sequential, last = update_jit(sequential, batch, network=network, config=config)
+    assert int(fused.step) == 4
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        (fused.params, fused.target_params),
+        (sequential.params, sequential.target_params),
+    )
+    assert set(metrics) == {
+        "loss",
+        "td_loss",
+        "next_item_loss",
+        "td_error_abs_mean",
+        "q_mean",
+        "q_max",
+        "grad_norm",
+    }
+    assert all(value.shape == (4,) and bool(jnp.all(jnp.isfinite(value))) for value in metrics.values())
+    np.testing.assert_allclose(metrics["loss"][-1], last["loss"], rtol=1e-5)
+
+
+def test_action_mask_keeps_unassigned_actions_out_of_the_bootstrap() -> None:
+    config = PERIODIC
+    rng = np.random.default_rng(4)
+    batch = random_batch(rng, 8, 6)
+    batch = batch.replace(discount_t=np.ones(8, np.float32), r_t=np.zeros(8, np.float32))
+    state = create_train_state(SMALL, config, batch.obs_tm1, jax.random.key(0))
+
+    # Action 5 looks worth 100 everywhere (to the selector and the target), but no item holds it.
+    def boost(params: dict) -> dict:
+        params = jax.tree.map(jnp.copy, params)
+        params["params"]["action_bias"] = params["params"]["action_bias"].at[5].set(100.0)
+        return params
+
+    state = state.replace(params=boost(state.params), target_params=boost(state.target_params))
+    network = QNetwork(SMALL)
+    _, unmasked = update_jit(state, batch, network=network, config=config)
+    mask = jnp.array([False, False, True, True, True, False])
+    _, masked = update_jit(state, batch, network=network, config=config, action_mask=mask)
+    # Unmasked: target ~ 0.9 * 100 against Q(s, a) of a few units at most (a_tm1 in 2..4 here).
+    assert np.all(batch.a_tm1 != 5)
+    assert float(unmasked["td_error_abs_mean"]) > 80.0
+    assert float(masked["td_error_abs_mean"]) < 10.0
+
+
+def test_reset_action_rows_reinitialises_rows_in_params_target_and_adam() -> None:
+    config = NetworkConfig(num_actions=6, embed_dim=4, hidden_sizes=(8,), next_item_head=True)
+    learner = LearnerConfig(sqn_weight=1.0)
+    rng = np.random.default_rng(5)
+    batches = [random_batch(rng, 8, 6) for _ in range(3)]
+    state = create_train_state(config, learner, batches[0].obs_tm1, jax.random.key(0))
+    state, _ = update_many(state, stack_batches(batches), network=QNetwork(config), config=learner)
+    reset = reset_action_rows(state, [4, 2], jax.random.key(9))
+    kept = np.array([0, 1, 3, 5])
+    for params in (reset.params, reset.target_params):
+        table = params["params"]["item_embedding"]["embedding"]
+        np.testing.assert_array_equal(
+            table[kept], state.params["params"]["item_embedding"]["embedding"][kept]
+        )
+        assert not np.allclose(table[2], state.params["params"]["item_embedding"]["embedding"][2])
+        for bias in ("action_bias", "next_item_bias"):
+            np.testing.assert_array_equal(params["params"][bias][np.array([2, 4])], [0.0, 0.0])
+    np.testing.assert_array_equal(
+        reset.params["params"]["item_embedding"]["embedding"][np.array([2, 4])],
+        reset.target_params["params"]["item_embedding"]["embedding"][np.array([2, 4])],
+    )
+    adam = reset.opt_state[1][0]
+    for moment in (adam.mu, adam.nu):
+        rows = moment["params"]["item_embedding"]["embedding"]
+        np.testing.assert_array_equal(rows[np.array([2, 4])], 0.0)
+        assert np.any(rows[kept] != 0)
+        np.testing.assert_array_equal(moment["params"]["action_bias"][np.array([2, 4])], 0.0)
+    # Untouched parameters are the very same arrays.
+    assert reset.params["params"]["hidden_layers_0"] is state.params["params"]["hidden_layers_0"]
+    assert reset_action_rows(state, [], jax.random.key(0)) is state
+    with pytest.raises(ValueError, match="action indices"):
+        reset_action_rows(state, [6], jax.random.key(0))
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="'gama'"):
+        LearnerConfig.from_dict({"gama": 0.5})
+    with pytest.raises(ValueError, match="target_update"):
+        LearnerConfig(target_update="sometimes")  # type: ignore[arg-type]
+    assert LearnerConfig.from_dict(LearnerConfig(gamma=0.5).to_dict()) == LearnerConfig(gamma=0.5)
+    with pytest.raises(ValueError, match="next_item_head"):
+        create_train_state(SMALL, LearnerConfig(sqn_weight=1.0), empty_obs_batch(1, window=2, feature_dim=3))
+
+
+def test_analytic_flops_agree_with_the_compiler_cost_model() -> None:
+    network_config = NetworkConfig(num_actions=1000, hidden_sizes=(256, 256))
+    rng = np.random.default_rng(0)
+    obs = ObsBatch(
+        items=np.zeros((256, 0), np.int32),
+        event_types=np.zeros((256, 0), np.int32),
+        gaps=np.zeros((256, 0), np.float32),
+        features=rng.normal(size=(256, 64)).astype(np.float32),
+    )
+    batch = transition_batch(obs, rng.integers(2, 1000, 256), np.zeros(256), np.zeros(256, bool), obs)
+    for double in (False, True):
+        config = LearnerConfig(double_dqn=double)
+        # Shapes only: lowering needs no parameter values, and skipping XLA compilation saves seconds.
+        state = jax.eval_shape(lambda o, c=config: create_train_state(network_config, c, o), obs)
+        lowered = jax.jit(lambda s, b, c=config: update(s, b, network=QNetwork(network_config), config=c)).lower(
+            state, batch
+        )
+        cost = lowered.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        analytic = dqn_update_flops(
+            batch_size=256, feature_dim=64, hidden_sizes=(256, 256), embed_dim=64, num_actions=1000, double_dqn=double
+        )
+        # The compiler also counts elementwise work (ReLU, Adam), a few percent at this size.
+        assert 0.9 < analytic / cost["flops"] <= 1.0, (double, analytic, cost["flops"])
+
+
+# --- Learning for real -------------------------------------------------------------------------
+
+CHAIN_STATES = 5  # 0..3 playable, 4 terminal
+LEFT, RIGHT = 0, 1
+
+
+def chain_step(state: int, action: int) -> tuple[int, float, bool]:
+    """Deterministic chain: RIGHT from 3 reaches the terminal state 4 (+1); LEFT at 0 pays 0.05."""
+    if action == RIGHT:
+        return state + 1, (1.0 if state + 1 == 4 else 0.0), state + 1 == 4
+    return max(state - 1, 0), (0.05 if state == 0 else 0.0), False
+
+
+def chain_q_star(gamma: float) -> np.ndarray:
+    q = np.zeros((4, 2))
+    for _ in range(1000):
+        value = np.append(q.max(axis=1), 0.0)  # terminal state is worth 0
+        q = np.array(
+            [
+                [
+                    r + (0.0 if done else gamma * value[s2])
+                    for s2, r, done in (chain_step(s, a) for a in (0, 1))
+                ]
+                for s in range(4)
+            ]
+        )
+    return q
+
+
+def one_hot_obs(states: list[int]) -> ObsBatch:
+    size = len(states)
+    return ObsBatch(
+        items=np.zeros((size, 0), np.int32),
+        event_types=np.zeros((size, 0), np.int32),
+        gaps=np.zeros((size, 0), np.float32),
+        features=np.eye(CHAIN_STATES, dtype=np.float32)[states],
+    )
+
+
+def test_dqn_learns_the_optimal_q_of_a_chain() -> None:
+    gamma = 0.9
+    q_star = chain_q_star(gamma)
+    # Sanity of the task itself: going right is optimal everywhere, looping left at 0 is not.
+    assert np.all(q_star[:, RIGHT] > q_star[:, LEFT])
+    states, actions, rewards, dones, next_states = [], [], [], [], []
+    for s in range(4):
+        for a in (LEFT, RIGHT):
+            s2, r, done = chain_step(s, a)
+            states.append(s), actions.append(a), rewards.append(r), dones.append(done), next_states.append(s2)
+    buffer = ReplayBuffer(64, window=0, feature_dim=CHAIN_STATES)
+    buffer.add(transition_batch(one_hot_obs(states), actions, rewards, dones, one_hot_obs(next_states)))
+
+    network_config = NetworkConfig(num_actions=2, embed_dim=16, hidden_sizes=(64, 64))
+    config = LearnerConfig(gamma=gamma, learning_rate=3e-3, target_update_period=50, double_dqn=True)
+    network = QNetwork(network_config)
+    state = create_train_state(network_config, config, one_hot_obs([0]), jax.random.key(0))
+    rng = np.random.default_rng(0)
+    probe = one_hot_obs([0, 1, 2, 3])
+    apply = jax.jit(network.apply)
+    error = np.inf
+    deadline = time.monotonic() + 30.0
+    while time.monotonic() < deadline:
+        batches, _, _ = buffer.sample_stacked(100, 32, rng)
+        state, _ = update_many(state, batches, network=network, config=config)
+        error = float(np.max(np.abs(np.asarray(apply(state.params, probe)) - q_star)))
+        if error < 0.02 and int(state.step) >= 2000:
+            break
+    assert error < 0.1, f"max |Q - Q*| = {error:.3f} after {int(state.step)} updates"
+
+
+def sequence_batch(window: int, num_items: int) -> TransitionBatch:
+    """Items 2..num_items+1 in a fixed cycle; the label (a_tm1) is the item that comes next."""
+    cycle = list(range(2, num_items + 2))
+    histories, labels, next_histories = [], [], []
+    for position in range(num_items):
+        history = [cycle[(position - offset) % num_items] for offset in reversed(range(window))]
+        nxt = cycle[(position + 1) % num_items]
+        histories.append(history), labels.append(nxt), next_histories.append([*history[1:], nxt])
+
+    def obs(rows: list[list[int]]) -> ObsBatch:
+        items = np.asarray(rows, np.int32)
+        return ObsBatch(
+            items=items,
+            event_types=np.ones_like(items),
+            gaps=np.zeros(items.shape, np.float32),
+            features=np.ones((len(rows), 1), np.float32),
+        )
+
+    return transition_batch(
+        obs(histories), labels, np.zeros(num_items), np.zeros(num_items, bool), obs(next_histories)
+    )
+
+
+def test_sqn_next_item_head_learns_a_deterministic_sequence() -> None:
+    num_items = 8
+    batch = sequence_batch(window=3, num_items=num_items)
+    network_config = NetworkConfig(
+        num_actions=num_items + 2, embed_dim=16, hidden_sizes=(32,), next_item_head=True
+    )
+    config = LearnerConfig(sqn_weight=1.0, learning_rate=1e-2)
+    network = QNetwork(network_config)
+    state = create_train_state(network_config, config, batch.obs_tm1, jax.random.key(0))
+    logits_of = jax.jit(lambda params, obs: network.apply(params, obs, method=QNetwork.next_item_logits))
+
+    def accuracy(current: TrainState) -> float:
+        predicted = np.asarray(jnp.argmax(logits_of(current.params, batch.obs_tm1), axis=1))
+        return float(np.mean(predicted == batch.a_tm1))
+
+    before = accuracy(state)
+    state, metrics = update_many(state, stack_batches([batch] * 200), network=network, config=config)
+    after = accuracy(state)
+    assert before <= 0.5
+    assert after == 1.0, f"next-item accuracy {after} (chance {1 / num_items})"
+    assert float(metrics["next_item_loss"][-1]) < 0.2 * float(metrics["next_item_loss"][0])
