@@ -221,6 +221,42 @@ def cmd_forget(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_learner(args: argparse.Namespace) -> int:
+    from services.learner.config import LearnerServiceConfig
+    from services.learner.service import Learner
+
+    config = config_from_args(LearnerServiceConfig, args)
+    if config.bootstrap_servers == "embedded":
+        raise ConfigError(
+            "the learner runs as its own process and needs Kafka: pass --bootstrap-servers HOST:PORT "
+            "(qrec train --from-log LOG trains offline without Kafka)"
+        )
+    registry = CollectorRegistry()
+    _serve(config, registry)
+    stop = _stop_on_signals()
+    bus = make_bus(config)
+    try:
+        learner = Learner(config, bus, registry)
+        console.print(
+            f"learner consuming {config.transitions_topic}, publishing to {config.model_topic} "
+            f"(resumed at version {learner.version})"
+        )
+        learner.run(stop)
+    finally:
+        bus.close()
+    console.print(f"learner stopped at model version {learner.version}, step {learner.trainer.step}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from services.learner.config import TrainConfig
+    from services.learner.offline import train_from_log
+
+    config = config_from_args(TrainConfig, args)
+    train_from_log(config, console)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from services.bench import BENCHMARKS, run_benchmarks
 
@@ -261,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
+    from services.learner.config import LearnerServiceConfig, TrainConfig
     from services.replay.config import RecordConfig, ReplayConfig
     from services.state_builder.config import StateBuilderConfig
 
@@ -284,6 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
             "state-builder", "build per-user state and RL transitions from the clickstream", cmd_state_builder
         ),
         StateBuilderConfig,
+    )
+    add_arguments(
+        sub("learner", "train the DQN from the transitions topic and publish models", cmd_learner),
+        LearnerServiceConfig,
+    )
+    add_arguments(
+        sub("train", "train the DQN offline from a recorded log (learning curve and model)", cmd_train),
+        TrainConfig,
     )
     add_arguments(sub("forget", "delete everything qrec keeps about one user", cmd_forget), ForgetConfig)
     bench = sub("bench", "run benchmarks and write their figures as JSON", cmd_bench)

@@ -61,6 +61,10 @@ class BusConfig:
         "embedded",
         help="Kafka bootstrap servers (host:port[,host:port]) or 'embedded' for the in-process bus",
     )
+    kafka_client: str = setting(
+        "kafka-python",
+        help="Kafka client library: kafka-python, or confluent (librdkafka; pip install 'qrec[confluent]')",
+    )
     client_id: str = setting("qrec", help="Kafka client.id, shown in broker logs and quotas")
     security_protocol: str = setting(
         "PLAINTEXT", help="Kafka security.protocol: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
@@ -81,6 +85,8 @@ class BusConfig:
     def __post_init__(self) -> None:
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be between 0 and 65535, got {self.metrics_port}")
+        if self.kafka_client not in ("kafka-python", "confluent"):
+            raise ConfigError(f"kafka_client must be kafka-python or confluent, got {self.kafka_client!r}")
         protocols = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
         if self.security_protocol not in protocols:
             raise ConfigError(
@@ -278,6 +284,12 @@ def make_bus(config: BusConfig, **overrides: Any) -> Any:
         from services.bus.embedded import EmbeddedBus
 
         return EmbeddedBus()
+    if config.kafka_client == "confluent":
+        try:
+            from services.bus.confluent import ConfluentBus
+        except ImportError as exc:
+            raise ConfigError(str(exc)) from None
+        return ConfluentBus(kafka_settings(config, **overrides))
     from services.bus.kafka import KafkaBus
 
     return KafkaBus(kafka_settings(config, **overrides))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +14,16 @@ from rl.batch import ObsBatch
 from rl.networks import NetworkConfig, QNetwork, init_params
 
 NUM_ACTIONS = 12
+
+
+@functools.cache
+def compiled(network: QNetwork, method: object) -> Any:
+    return jax.jit(functools.partial(network.apply, method=method))
+
+
+def apply(network: QNetwork, params: dict, *args: object, method: object = None) -> Any:
+    """network.apply, compiled: one quick compile beats eagerly compiling every op of a first call."""
+    return compiled(network, method)(params, *args)
 
 
 def make_obs(items: list[list[int]], features_dim: int = 3) -> ObsBatch:
@@ -37,13 +50,13 @@ def build(**overrides: object) -> tuple[QNetwork, dict]:
 def test_shapes_and_gathered_q_matches_full_scores(dueling: bool) -> None:
     network, params = build(dueling=dueling, next_item_head=True)
     obs = make_obs([[0, 2, 3], [4, 5, 1], [0, 0, 0]])
-    q = network.apply(params, obs)
+    q = apply(network, params, obs)
     assert q.shape == (3, NUM_ACTIONS)
     actions = jnp.array([2, 7, 11])
-    q_taken = network.apply(params, obs, actions, method=QNetwork.q_for_actions)
+    q_taken = apply(network, params, obs, actions, method=QNetwork.q_for_actions)
     np.testing.assert_allclose(q_taken, q[jnp.arange(3), actions], rtol=1e-5, atol=1e-6)
-    q_taken_2, logits = network.apply(
-        params, obs, actions, method=QNetwork.q_for_actions_and_next_item_logits
+    q_taken_2, logits = apply(
+        network, params, obs, actions, method=QNetwork.q_for_actions_and_next_item_logits
     )
     np.testing.assert_allclose(q_taken_2, q_taken, rtol=1e-6, atol=1e-6)
     assert logits.shape == (3, NUM_ACTIONS)
@@ -52,7 +65,7 @@ def test_shapes_and_gathered_q_matches_full_scores(dueling: bool) -> None:
 def test_scores_are_dot_products_with_the_item_table() -> None:
     network, params = build()
     obs = make_obs([[0, 2, 3]])
-    q = network.apply(params, obs)
+    q = apply(network, params, obs)
     table = params["params"]["item_embedding"]["embedding"]
     bias = params["params"]["action_bias"]
     state = (q - bias) @ jnp.linalg.pinv(table.T)  # recover f(s) from the scores
@@ -66,10 +79,10 @@ def test_item_table_is_shared_between_state_and_action_sides() -> None:
     changed = jax.tree.map(jnp.copy, params)
     table = changed["params"]["item_embedding"]["embedding"]
     changed["params"]["item_embedding"]["embedding"] = table.at[5].add(1.0)
-    before_with, after_with = network.apply(params, obs_with_5), network.apply(changed, obs_with_5)
+    before_with, after_with = apply(network, params, obs_with_5), apply(network, changed, obs_with_5)
     before_without, after_without = (
-        network.apply(params, obs_without_5),
-        network.apply(changed, obs_without_5),
+        apply(network, params, obs_without_5),
+        apply(network, changed, obs_without_5),
     )
     # Action side: Q(s, 5) moves for every state.
     assert abs(float(after_without[0, 5] - before_without[0, 5])) > 1e-4
@@ -84,17 +97,17 @@ def test_padding_is_masked_but_out_of_vocabulary_counts() -> None:
     obs = make_obs([[0, 0, 3]])
     noisy_padding = obs.replace(gaps=obs.gaps.copy())
     noisy_padding.gaps[0, 0] = 9.0  # a gap in a padded slot must not matter
-    np.testing.assert_array_equal(network.apply(params, obs), network.apply(params, noisy_padding))
+    np.testing.assert_array_equal(apply(network, params, obs), apply(network, params, noisy_padding))
     with_oov = make_obs([[0, 1, 3]])
     with_oov = with_oov.replace(features=obs.features)
-    assert float(jnp.max(jnp.abs(network.apply(params, with_oov) - network.apply(params, obs)))) > 1e-6
+    assert float(jnp.max(jnp.abs(apply(network, params, with_oov) - apply(network, params, obs)))) > 1e-6
 
 
 def test_dueling_advantages_have_zero_mean() -> None:
     network, params = build(dueling=True)
     obs = make_obs([[0, 2, 3], [4, 5, 6]])
-    q = network.apply(params, obs)
-    hidden = network.apply(params, obs, method=QNetwork.encode)
+    q = apply(network, params, obs)
+    hidden = apply(network, params, obs, method=QNetwork.encode)
     value = hidden @ params["params"]["value_head"]["kernel"] + params["params"]["value_head"]["bias"]
     np.testing.assert_allclose(q.mean(axis=1), value[:, 0], rtol=1e-5, atol=1e-5)
 
@@ -111,13 +124,13 @@ def test_without_a_window_only_features_are_used() -> None:
     params = init_params(network, obs, jax.random.key(1))
     assert params["params"]["hidden_layers_0"]["kernel"].shape == (6, 8)
     assert "event_type_embedding" not in params["params"]
-    assert network.apply(params, obs).shape == (2, 5)
+    assert apply(network, params, obs).shape == (2, 5)
 
 
 def test_next_item_logits_need_the_head() -> None:
     network, params = build()
     with pytest.raises(ValueError, match="next_item_head"):
-        network.apply(params, make_obs([[0, 2, 3]]), method=QNetwork.next_item_logits)
+        apply(network, params, make_obs([[0, 2, 3]]), method=QNetwork.next_item_logits)
 
 
 def test_config_validation_and_round_trip() -> None:

@@ -122,7 +122,11 @@ def test_action_mask_keeps_unassigned_actions_out_of_the_bootstrap() -> None:
     config = PERIODIC
     rng = np.random.default_rng(4)
     batch = random_batch(rng, 8, 6)
-    batch = batch.replace(discount_t=np.ones(8, np.float32), r_t=np.zeros(8, np.float32))
+    batch = batch.replace(
+        a_tm1=np.array([2, 3, 4, 2, 3, 4, 2, 3], np.int32),
+        discount_t=np.ones(8, np.float32),
+        r_t=np.zeros(8, np.float32),
+    )
     state = create_train_state(SMALL, config, batch.obs_tm1, jax.random.key(0))
 
     # Action 5 looks worth 100 everywhere (to the selector and the target), but no item holds it.
@@ -137,7 +141,6 @@ def test_action_mask_keeps_unassigned_actions_out_of_the_bootstrap() -> None:
     mask = jnp.array([False, False, True, True, True, False])
     _, masked = update_jit(state, batch, network=network, config=config, action_mask=mask)
     # Unmasked: target ~ 0.9 * 100 against Q(s, a) of a few units at most (a_tm1 in 2..4 here).
-    assert np.all(batch.a_tm1 != 5)
     assert float(unmasked["td_error_abs_mean"]) > 80.0
     assert float(masked["td_error_abs_mean"]) < 10.0
 
@@ -151,12 +154,10 @@ def test_reset_action_rows_reinitialises_rows_in_params_target_and_adam() -> Non
     state, _ = update_many(state, stack_batches(batches), network=QNetwork(config), config=learner)
     reset = reset_action_rows(state, [4, 2], jax.random.key(9))
     kept = np.array([0, 1, 3, 5])
-    for params in (reset.params, reset.target_params):
+    for params, before in ((reset.params, state.params), (reset.target_params, state.target_params)):
         table = params["params"]["item_embedding"]["embedding"]
-        np.testing.assert_array_equal(
-            table[kept], state.params["params"]["item_embedding"]["embedding"][kept]
-        )
-        assert not np.allclose(table[2], state.params["params"]["item_embedding"]["embedding"][2])
+        np.testing.assert_array_equal(table[kept], before["params"]["item_embedding"]["embedding"][kept])
+        assert not np.allclose(table[2], before["params"]["item_embedding"]["embedding"][2])
         for bias in ("action_bias", "next_item_bias"):
             np.testing.assert_array_equal(params["params"][bias][np.array([2, 4])], [0.0, 0.0])
     np.testing.assert_array_equal(
@@ -170,7 +171,10 @@ def test_reset_action_rows_reinitialises_rows_in_params_target_and_adam() -> Non
         assert np.any(rows[kept] != 0)
         np.testing.assert_array_equal(moment["params"]["action_bias"][np.array([2, 4])], 0.0)
     # Untouched parameters are the very same arrays.
-    assert reset.params["params"]["hidden_layers_0"] is state.params["params"]["hidden_layers_0"]
+    assert (
+        reset.params["params"]["hidden_layers_0"]["kernel"]
+        is state.params["params"]["hidden_layers_0"]["kernel"]
+    )
     assert reset_action_rows(state, [], jax.random.key(0)) is state
     with pytest.raises(ValueError, match="action indices"):
         reset_action_rows(state, [6], jax.random.key(0))
@@ -200,13 +204,18 @@ def test_analytic_flops_agree_with_the_compiler_cost_model() -> None:
         config = LearnerConfig(double_dqn=double)
         # Shapes only: lowering needs no parameter values, and skipping XLA compilation saves seconds.
         state = jax.eval_shape(lambda o, c=config: create_train_state(network_config, c, o), obs)
-        lowered = jax.jit(lambda s, b, c=config: update(s, b, network=QNetwork(network_config), config=c)).lower(
-            state, batch
-        )
+        lowered = jax.jit(
+            lambda s, b, c=config: update(s, b, network=QNetwork(network_config), config=c)
+        ).lower(state, batch)
         cost = lowered.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         analytic = dqn_update_flops(
-            batch_size=256, feature_dim=64, hidden_sizes=(256, 256), embed_dim=64, num_actions=1000, double_dqn=double
+            batch_size=256,
+            feature_dim=64,
+            hidden_sizes=(256, 256),
+            embed_dim=64,
+            num_actions=1000,
+            double_dqn=double,
         )
         # The compiler also counts elementwise work (ReLU, Adam), a few percent at this size.
         assert 0.9 < analytic / cost["flops"] <= 1.0, (double, analytic, cost["flops"])

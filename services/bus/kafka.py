@@ -46,6 +46,9 @@ class KafkaSettings:
     max_poll_interval_ms: int = 300_000
     request_timeout_ms: int = 30_000
     linger_ms: int = 5
+    # Large batches: with kafka-python every new batch wakes the sender thread through a socket,
+    # which costs more than the record itself; qrec's user-state records are a few KB each.
+    batch_size: int = 1024 * 1024
     compression_type: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -160,7 +163,9 @@ class KafkaBusProducer:
 
     def __init__(self, settings: KafkaSettings) -> None:
         self._configs = settings.client_configs()
-        self._configs.update(acks="all", enable_idempotence=True, linger_ms=settings.linger_ms)
+        self._configs.update(
+            acks="all", enable_idempotence=True, linger_ms=settings.linger_ms, batch_size=settings.batch_size
+        )
         if settings.compression_type:
             self._configs["compression_type"] = settings.compression_type
         self._producer = self._connect()

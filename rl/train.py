@@ -1,0 +1,283 @@
+"""The DQN learner: one train-state pytree and one pure update, with the target sync inside it.
+
+`update` is a pure function of (state, batch) that jits with the network and config static;
+`update_many` fuses K updates into one compiled `lax.scan`, which amortises Python and dispatch
+overhead when batches are small. The target network moves inside the update
+(`optax.periodic_update` or `optax.incremental_update`), so no service loop can forget or
+mistime it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rl.batch import ObsBatch, TransitionBatch, check_transition_batch
+from rl.config_utils import config_from_dict, config_to_dict
+from rl.networks import (
+    ACTION_ROW_PATHS,
+    ITEM_EMBEDDING_PATH,
+    NetworkConfig,
+    QNetwork,
+    init_params,
+    item_embedding_init,
+)
+from rl.value_learning import double_q_learning_target, huber_loss, q_learning_target
+
+TARGET_UPDATES = ("periodic", "polyak")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LearnerConfig:
+    """Hyperparameters of the DQN update."""
+
+    gamma: float = 0.9
+    """Discount per step; the batch's 0/1 discount_t is multiplied by it."""
+    learning_rate: float = 1e-3
+    """Adam step size."""
+    max_grad_norm: float = 10.0
+    """Gradients are clipped to this global norm before Adam."""
+    double_dqn: bool = True
+    """Select the bootstrap action with the online network, rate it with the target network."""
+    target_update: Literal["periodic", "polyak"] = "periodic"
+    """'periodic': copy online to target every target_update_period updates; 'polyak': blend each update."""
+    target_update_period: int = 500
+    """Updates between hard target copies (periodic only)."""
+    polyak_tau: float = 0.005
+    """Weight of the online parameters in each blend (polyak only)."""
+    huber_delta: float = 1.0
+    """TD errors beyond this magnitude are penalised linearly."""
+    sqn_weight: float = 0.0
+    """Weight of SQN's next-item cross-entropy (label a_tm1); 0 disables it."""
+    seed: int = 0
+    """Seed for parameter initialisation when no key is given."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.target_update not in TARGET_UPDATES:
+            raise ValueError(f"target_update must be one of {TARGET_UPDATES}, got {self.target_update!r}")
+        if self.target_update_period < 1:
+            raise ValueError(f"target_update_period must be >= 1, got {self.target_update_period}")
+        if not 0.0 < self.polyak_tau <= 1.0:
+            raise ValueError(f"polyak_tau must be in (0, 1], got {self.polyak_tau}")
+        if self.huber_delta <= 0:
+            raise ValueError(f"huber_delta must be > 0, got {self.huber_delta}")
+        if self.sqn_weight < 0:
+            raise ValueError(f"sqn_weight must be >= 0, got {self.sqn_weight}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> LearnerConfig:
+        """Build from a plain dict; unknown keys raise ValueError naming them."""
+        return config_from_dict(cls, values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_to_dict(self)
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything the learner carries between updates, as one pytree (checkpoint it whole)."""
+
+    params: Any
+    target_params: Any
+    opt_state: Any
+    step: jax.Array  # () int32: updates applied so far
+
+
+def make_optimizer(config: LearnerConfig) -> optax.GradientTransformation:
+    """Adam behind global-norm clipping."""
+    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(config.learning_rate))
+
+
+def create_train_state(
+    network_config: NetworkConfig,
+    learner_config: LearnerConfig,
+    example_obs: ObsBatch,
+    key: jax.Array | None = None,
+) -> TrainState:
+    """Fresh parameters, target = online, Adam state, step 0; key defaults to learner_config.seed.
+
+    The window width and feature count of `example_obs` are fixed into the parameters.
+    """
+    if learner_config.sqn_weight > 0 and not network_config.next_item_head:
+        raise ValueError("sqn_weight > 0 needs NetworkConfig(next_item_head=True)")
+    if key is None:
+        key = jax.random.key(learner_config.seed)
+    params = init_params(QNetwork(network_config), example_obs, key)
+    return TrainState(
+        params=params,
+        # A distinct buffer, so donating or mutating one never aliases the other.
+        target_params=jax.tree.map(jnp.copy, params),
+        # Compiled quickly rather than well: it runs once (see networks.init_params).
+        opt_state=jax.jit(
+            make_optimizer(learner_config).init, compiler_options={"xla_backend_optimization_level": 0}
+        )(params),
+        step=jnp.zeros((), jnp.int32),
+    )
+
+
+def _mask_actions(q: jax.Array, action_mask: jax.Array | None) -> jax.Array:
+    """Give disallowed actions the row minimum, so no max or argmax picks them (unless all are)."""
+    if action_mask is None:
+        return q
+    assert action_mask.shape == q.shape[-1:], (action_mask.shape, q.shape)
+    # The row minimum rather than -inf: stays finite, so 0 * value at episode ends is 0, not NaN.
+    return jnp.where(action_mask, q, jnp.min(q, axis=-1, keepdims=True))
+
+
+def update(
+    state: TrainState,
+    batch: TransitionBatch,
+    *,
+    network: QNetwork,
+    config: LearnerConfig,
+    action_mask: jax.Array | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One DQN step on a batch: Huber TD loss (+ optional SQN loss), Adam, then the target sync.
+
+    `action_mask` (A,) bool limits the bootstrap max to actions that exist (assigned vocabulary
+    indices); None allows all. Metrics (scalars): loss, td_loss, next_item_loss, td_error_abs_mean,
+    q_mean and q_max (of Q(s_tm1, a_tm1) over the batch), grad_norm.
+    """
+    check_transition_batch(batch)
+    batch_size = batch.a_tm1.shape[0]
+    num_actions = network.config.num_actions
+    use_sqn = config.sqn_weight > 0
+    if use_sqn and not network.config.next_item_head:
+        raise ValueError("sqn_weight > 0 needs NetworkConfig(next_item_head=True)")
+    discount_t = config.gamma * batch.discount_t  # (B,)
+
+    # Bootstrap targets need no gradient, so they are computed outside value_and_grad.
+    q_t_value = _mask_actions(network.apply(state.target_params, batch.obs_t), action_mask)  # (B, A)
+    assert q_t_value.shape == (batch_size, num_actions), q_t_value.shape
+    if config.double_dqn:
+        q_t_selector = _mask_actions(network.apply(state.params, batch.obs_t), action_mask)  # (B, A)
+        target_tm1 = jax.vmap(double_q_learning_target)(batch.r_t, discount_t, q_t_value, q_t_selector)
+    else:
+        target_tm1 = jax.vmap(q_learning_target)(batch.r_t, discount_t, q_t_value)
+    assert target_tm1.shape == (batch_size,), target_tm1.shape
+
+    def loss_fn(params: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+        if use_sqn:
+            q_tm1_a, logits = network.apply(
+                params, batch.obs_tm1, batch.a_tm1, method=QNetwork.q_for_actions_and_next_item_logits
+            )  # (B,), (B, A)
+            cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, batch.a_tm1)  # (B,)
+            next_item_loss = jnp.mean(batch.weights * cross_entropy)
+        else:
+            q_tm1_a = network.apply(params, batch.obs_tm1, batch.a_tm1, method=QNetwork.q_for_actions)
+            next_item_loss = jnp.zeros((), jnp.float32)
+        assert q_tm1_a.shape == (batch_size,), q_tm1_a.shape
+        td_error = target_tm1 - q_tm1_a  # (B,)
+        td_loss = jnp.mean(batch.weights * huber_loss(td_error, config.huber_delta))
+        loss = td_loss + config.sqn_weight * next_item_loss
+        aux = {
+            "td_loss": td_loss,
+            "next_item_loss": next_item_loss,
+            "td_error_abs_mean": jnp.mean(jnp.abs(td_error)),
+            "q_mean": jnp.mean(q_tm1_a),
+            "q_max": jnp.max(q_tm1_a),
+        }
+        return loss, aux
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    optimizer = make_optimizer(config)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    step = state.step + 1
+    if config.target_update == "periodic":
+        # Copies exactly when step is a multiple of the period: after the period-th update, not before.
+        target_params = optax.periodic_update(params, state.target_params, step, config.target_update_period)
+    else:
+        target_params = optax.incremental_update(params, state.target_params, config.polyak_tau)
+    metrics = {"loss": loss, **aux, "grad_norm": optax.tree_utils.tree_norm(grads)}
+    new_state = TrainState(params=params, target_params=target_params, opt_state=opt_state, step=step)
+    return new_state, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("network", "config"))
+def update_many(
+    state: TrainState,
+    batches: TransitionBatch,
+    *,
+    network: QNetwork,
+    config: LearnerConfig,
+    action_mask: jax.Array | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """K updates fused in one compiled `lax.scan`; `batches` carry a leading axis K on every array.
+
+    Returns the state after all K updates and each metric stacked as (K,).
+    """
+    num_updates = batches.a_tm1.shape[0]
+    assert batches.a_tm1.ndim == 2, f"expected stacked batches (K, B), got a_tm1 {batches.a_tm1.shape}"
+    assert all(leaf.shape[0] == num_updates for leaf in jax.tree.leaves(batches)), "ragged leading axis"
+
+    def body(carry: TrainState, batch: TransitionBatch) -> tuple[TrainState, dict[str, jax.Array]]:
+        return update(carry, batch, network=network, config=config, action_mask=action_mask)
+
+    return jax.lax.scan(body, state, batches)
+
+
+# One update per call, compiled; the counterpart of update_many for callers without stacked batches.
+update_jit = jax.jit(update, static_argnames=("network", "config"))
+
+
+def stack_batches(batches: Sequence[TransitionBatch]) -> TransitionBatch:
+    """Stack K same-shaped batches along a new leading axis, for update_many."""
+    assert batches, "need at least one batch"
+    return jax.tree.map(lambda *leaves: np.stack(leaves), *batches)
+
+
+def _dict_key_names(path: Sequence[Any]) -> tuple[str, ...]:
+    return tuple(str(entry.key) for entry in path if isinstance(entry, jax.tree_util.DictKey))
+
+
+def reset_action_rows(state: TrainState, indices: Sequence[int] | np.ndarray, key: jax.Array) -> TrainState:
+    """Re-initialise the per-action rows at `indices` (an index the vocabulary gave to a new item).
+
+    The item embedding gets fresh random rows and the biases zeros, in both the online and the target
+    parameters (a stale target row would bootstrap the evicted item's value), and Adam's moments for
+    those rows are zeroed so the old item's momentum does not steer the new one.
+    """
+    index_array = np.unique(np.asarray(indices, dtype=np.int64).reshape(-1))
+    if index_array.size == 0:
+        return state
+    params = state.params
+    table = params[ITEM_EMBEDDING_PATH[0]][ITEM_EMBEDDING_PATH[1]][ITEM_EMBEDDING_PATH[2]]  # (A, E)
+    num_actions, embed_dim = table.shape
+    if index_array.min() < 0 or index_array.max() >= num_actions:
+        raise ValueError(f"action indices must be in [0, {num_actions}), got {index_array.tolist()}")
+    rows = jnp.asarray(index_array, jnp.int32)
+    new_embedding_rows = item_embedding_init(embed_dim)(key, (rows.shape[0], embed_dim), table.dtype)
+
+    def reset_leaf(path: Sequence[Any], leaf: Any, *, fresh: bool) -> Any:
+        names = _dict_key_names(path)
+        matches = [row_path for row_path in ACTION_ROW_PATHS if names[-len(row_path) :] == row_path]
+        if not matches or not hasattr(leaf, "shape") or leaf.ndim < 1 or leaf.shape[0] != num_actions:
+            return leaf
+        if fresh and matches[0] == ITEM_EMBEDDING_PATH:
+            return leaf.at[rows].set(new_embedding_rows)
+        # Biases start at zero, as at initialisation; optimizer moments restart at zero.
+        return leaf.at[rows].set(0)
+
+    new_params = jax.tree_util.tree_map_with_path(functools.partial(reset_leaf, fresh=True), params)
+    new_target = jax.tree_util.tree_map_with_path(
+        functools.partial(reset_leaf, fresh=True), state.target_params
+    )
+    new_opt_state = jax.tree_util.tree_map_with_path(
+        functools.partial(reset_leaf, fresh=False), state.opt_state
+    )
+    return state.replace(params=new_params, target_params=new_target, opt_state=new_opt_state)

@@ -1,0 +1,1 @@
+"""The learner: DQN training from streamed transitions, publishing versioned models."""

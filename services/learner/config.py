@@ -1,0 +1,100 @@
+"""Settings of `qrec learner` and `qrec train`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.config import BusConfig, ConfigError, register, setting
+from services.topics import DEAD_LETTER, MODEL, TRANSITIONS
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSettings:
+    """Model and training hyperparameters shared by the streaming learner and offline training."""
+
+    window: int = setting(20, help="recent interactions the model reads (the state-builder's --window)")
+    vocabulary_capacity: int = setting(
+        20000, help="most items (actions) the model scores; least recent evicted"
+    )
+    vocabulary_min_count: int = setting(1, help="times an item must be seen before it gets its own action")
+    embed_dim: int = setting(64, help="width of item embeddings and of the state vector")
+    hidden_sizes: str = setting("256,256", help="hidden layer widths of the state MLP")
+    dueling: bool = setting(False, help="dueling Q-network head")
+    gamma: float = setting(0.9, help="discount factor")
+    learning_rate: float = setting(1e-3, help="Adam step size")
+    max_grad_norm: float = setting(10.0, help="gradient clipping by global norm")
+    double_dqn: bool = setting(True, help="Double DQN targets")
+    target_update: str = setting("periodic", help="target network sync: periodic (hard copy) or polyak")
+    target_update_period: int = setting(500, help="updates between hard target copies")
+    polyak_tau: float = setting(0.005, help="blend weight per update with --target-update polyak")
+    sqn_weight: float = setting(0.0, help="weight of the SQN next-item loss (0 disables the head)")
+    batch_size: int = setting(256, help="transitions per update")
+    updates_per_call: int = setting(8, help="updates fused into one compiled call (lax.scan)")
+    replay_capacity: int = setting(200000, help="transitions kept in the replay buffer")
+    prioritized: bool = setting(False, help="prioritized replay instead of uniform")
+    seed: int = setting(0, help="random seed")
+
+    def hidden(self) -> tuple[int, ...]:
+        try:
+            sizes = tuple(int(part) for part in self.hidden_sizes.split(",") if part.strip())
+        except ValueError:
+            raise ConfigError(
+                f"hidden_sizes must be comma-separated integers, got {self.hidden_sizes!r}"
+            ) from None
+        if not sizes or min(sizes) < 1:
+            raise ConfigError(f"hidden_sizes must be positive integers, got {self.hidden_sizes!r}")
+        return sizes
+
+    def check(self) -> None:
+        self.hidden()
+        if self.target_update not in ("periodic", "polyak"):
+            raise ConfigError(f"target_update must be periodic or polyak, got {self.target_update!r}")
+        for name in ("window", "vocabulary_capacity", "batch_size", "updates_per_call", "replay_capacity"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+@register("learner")
+@dataclass(frozen=True, kw_only=True)
+class LearnerServiceConfig(ModelSettings, BusConfig):
+    """Trains the DQN from the transitions topic and publishes models."""
+
+    group_id: str = setting("qrec-learner", help="consumer group (offsets are also kept in the checkpoint)")
+    transitions_topic: str = setting(TRANSITIONS, help="topic of transitions to learn from")
+    model_topic: str = setting(MODEL, help="topic models are published to")
+    dead_letter_topic: str = setting(DEAD_LETTER, help="topic for transitions that cannot be used")
+    checkpoint_dir: str = setting(".qrec/learner", help="folder for checkpoints (resumed from on restart)")
+    replay_ratio: float = setting(
+        4.0, help="times each consumed transition is replayed on average (sampled per consumed)"
+    )
+    min_replay_size: int = setting(1000, help="transitions to collect before training starts")
+    publish_every_steps: int = setting(500, help="publish (and checkpoint) a model every this many updates")
+    publish_every_seconds: float = setting(60.0, help="...or at least this often while training")
+    dedupe_ids: int = setting(200000, help="recent transition ids remembered to drop re-emitted duplicates")
+    create_topics: bool = setting(True, help="create the qrec topics first when they are missing")
+    partitions: int = setting(6, help="partitions per topic when topics are created")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check()
+        if self.replay_ratio <= 0:
+            raise ConfigError(f"replay_ratio must be > 0, got {self.replay_ratio}")
+
+
+@register("train")
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(ModelSettings):
+    """Trains the DQN offline from a recorded log's logged behaviour."""
+
+    from_log: str = setting(help="log file to learn from (any format `qrec replay` reads)")
+    format: str = setting("auto", help="log layout (see qrec replay --help)")
+    out: str = setting("out/train", help="folder for the model, checkpoint, learning curve and summary")
+    steps: int = setting(2000, help="updates to run")
+    eval_every: int = setting(100, help="updates between held-out evaluations")
+    holdout_fraction: float = setting(0.1, help="share of users whose transitions are held out")
+    progress: bool = setting(True, help="show a progress bar (only on a terminal)")
+
+    def __post_init__(self) -> None:
+        self.check()
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise ConfigError(f"holdout_fraction must be between 0 and 1, got {self.holdout_fraction}")

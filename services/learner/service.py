@@ -1,0 +1,325 @@
+"""`qrec learner`: consume transitions, train the DQN, publish versioned models, checkpoint.
+
+Order of a publish: checkpoint to disk (parameters, target, optimiser, vocabulary, consumed offsets,
+version), then publish that version, then commit the offsets to the group (for lag monitoring).
+On restart the learner loads the checkpoint, refills its replay buffer from the transitions before
+the checkpointed offsets (without training on them again), and continues from those offsets; its
+next model gets a higher version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from schemas.codec import TRANSITIONS, DecodeError
+from schemas.messages import Transition
+from services.bus.base import Bus, Consumer, Record, TopicPartition
+from services.dead_letter import DeadLetterSink, dead_letter
+from services.learner.config import LearnerServiceConfig
+from services.learner.trainer import MODEL_ENCODING, Trainer
+from services.metrics import ProcessMetrics
+from services.model_topic import publish_model
+from services.replay.service import ensure_topics
+from services.state_builder.step import FEATURE_DIM
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+
+
+class LearnerMetrics(ProcessMetrics):
+    """What the learner exports."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__(registry, "learner")
+        self.updates = Counter("qrec_learner_updates_total", "Gradient updates applied", registry=registry)
+        self.transitions = Counter(
+            "qrec_learner_transitions_total", "Transitions consumed into the replay buffer", registry=registry
+        )
+        self.duplicates = Counter(
+            "qrec_learner_duplicate_transitions_total",
+            "Transitions dropped because their id was already learned",
+            registry=registry,
+        )
+        self.loss = Gauge(
+            "qrec_learner_loss", "Mean training loss of the last fused updates", registry=registry
+        )
+        self.td_error = Gauge(
+            "qrec_learner_td_error", "Mean absolute TD error of the last updates", registry=registry
+        )
+        self.q_mean = Gauge(
+            "qrec_learner_q_mean", "Mean Q(s, a) of the last sampled batches", registry=registry
+        )
+        self.q_max = Gauge(
+            "qrec_learner_q_max", "Largest Q(s, a) of the last sampled batches", registry=registry
+        )
+        self.target_age = Gauge(
+            "qrec_learner_target_sync_age_updates",
+            "Updates since the target network was last synced",
+            registry=registry,
+        )
+        self.replay_size = Gauge(
+            "qrec_learner_replay_size", "Transitions in the replay buffer", registry=registry
+        )
+        self.vocabulary_size = Gauge(
+            "qrec_learner_vocabulary_size", "Items with an action index", registry=registry
+        )
+        self.model_version = Gauge(
+            "qrec_learner_model_version", "Last published model version", registry=registry
+        )
+        self.publish_seconds = Histogram(
+            "qrec_learner_publish_duration_seconds",
+            "Time to checkpoint and publish one model",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
+        )
+        self.publish_bytes = Gauge(
+            "qrec_learner_publish_size_bytes", "Size of the last published model", registry=registry
+        )
+        self.last_publish = Gauge(
+            "qrec_learner_last_publish_timestamp_seconds",
+            "When the last model was published",
+            registry=registry,
+        )
+
+
+class Learner:
+    """One learner process (run exactly one per deployment)."""
+
+    def __init__(
+        self, config: LearnerServiceConfig, bus: Bus, registry: CollectorRegistry | None = None
+    ) -> None:
+        self.config = config
+        self.bus = bus
+        self.metrics = LearnerMetrics(registry or CollectorRegistry())
+        if config.create_topics:
+            ensure_topics(bus, config.partitions)
+        self.partitions = [
+            TopicPartition(config.transitions_topic, p)
+            for p in range(bus.partitions_for(config.transitions_topic))
+        ]
+        self.checkpoint_dir = Path(config.checkpoint_dir)
+        self.trainer = Trainer(config, FEATURE_DIM)
+        self.version = 0
+        self.learned = 0  # transitions consumed into the buffer over the model's whole life
+        self.offsets: dict[TopicPartition, int] = {}
+        self.updates_due = 0.0
+        self.last_publish_step = 0
+        self.last_publish_time = time.monotonic()
+        self.producer = bus.producer()
+        self.dead_letters = DeadLetterSink(self.producer, self.metrics, config.dead_letter_topic)
+        self.consumer: Consumer = bus.consumer(config.group_id)
+        self.consumer.assign(self.partitions)
+        self._resume()
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        meta_path = self.checkpoint_dir / "meta.json"
+        if not meta_path.is_file():
+            for tp in self.partitions:
+                committed = self.consumer.committed(tp)
+                if committed is not None:
+                    self.consumer.seek(tp, committed)
+                    self.offsets[tp] = committed
+            return
+        meta = json.loads(meta_path.read_text())
+        if (
+            meta.get("format") != CHECKPOINT_FORMAT
+            or meta.get("transitions_topic") != self.config.transitions_topic
+        ):
+            raise RuntimeError(
+                f"checkpoint in {self.checkpoint_dir} is for another topic or format; "
+                "move it away or point --checkpoint-dir elsewhere"
+            )
+        self.trainer.restore(
+            (self.checkpoint_dir / "state.msgpack").read_bytes(),
+            (self.checkpoint_dir / "vocabulary.json").read_bytes(),
+            json.loads((self.checkpoint_dir / "seen_ids.json").read_text()),
+            meta["observed"],
+        )
+        self.version = meta["version"]
+        self.learned = meta["learned"]
+        self.last_publish_step = self.trainer.step
+        self.offsets = {
+            TopicPartition(self.config.transitions_topic, int(p)): o for p, o in meta["offsets"].items()
+        }
+        refilled = self._refill()
+        for tp in self.partitions:
+            self.consumer.seek(tp, self.offsets.get(tp, 0))
+        self.metrics.model_version.set(self.version)
+        log.info(
+            "resumed from checkpoint: version %d, step %d, %d transitions learned; refilled %d into the buffer",
+            self.version,
+            self.trainer.step,
+            self.learned,
+            refilled,
+        )
+
+    def _refill(self) -> int:
+        """Put the transitions just before the checkpointed offsets back into the replay buffer."""
+        per_partition = max(1, self.config.replay_capacity // max(1, len(self.partitions)))
+        starts = self.consumer.beginning_offsets(self.partitions)
+        for tp in self.partitions:
+            end = self.offsets.get(tp, 0)
+            self.consumer.seek(tp, max(starts[tp], end - per_partition))
+        remaining = {tp for tp in self.partitions if self.consumer.position(tp) < self.offsets.get(tp, 0)}
+        batch: list[Transition] = []
+        while remaining:
+            for record in self.consumer.poll(max_records=5000, timeout_s=0.5):
+                tp = record.topic_partition
+                if record.offset >= self.offsets.get(tp, 0):
+                    remaining.discard(tp)
+                    continue
+                message = TRANSITIONS.decode(record.value)
+                if isinstance(message, Transition):
+                    batch.append(message)
+            remaining = {tp for tp in remaining if self.consumer.position(tp) < self.offsets.get(tp, 0)}
+        seen = self.trainer.seen_ids.copy()
+        self.trainer.seen_ids.clear()  # the buffer is refilled even with transitions already learned
+        added = self.trainer.add(batch) if batch else 0
+        self.trainer.seen_ids = seen
+        return added
+
+    def checkpoint(self) -> None:
+        """Write the checkpoint atomically (a new folder renamed over the old one)."""
+        self.checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=self.checkpoint_dir.parent))
+        (staging / "state.msgpack").write_bytes(self.trainer.checkpoint_bytes())
+        (staging / "vocabulary.json").write_bytes(self.trainer.vocabulary.to_bytes())
+        (staging / "seen_ids.json").write_text(json.dumps(list(self.trainer.seen_ids)))
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "version": self.version,
+            "step": self.trainer.step,
+            "learned": self.learned,
+            "observed": self.trainer.observed,
+            "transitions_topic": self.config.transitions_topic,
+            "offsets": {str(tp.partition): offset for tp, offset in self.offsets.items()},
+            "created_at": time.time(),
+        }
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+        old = self.checkpoint_dir.with_name(self.checkpoint_dir.name + ".old")
+        if self.checkpoint_dir.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(self.checkpoint_dir, old)
+        os.replace(staging, self.checkpoint_dir)
+        if old.exists():
+            shutil.rmtree(old)
+
+    def publish(self) -> None:
+        """Checkpoint, then publish the next model version, then commit consumed offsets."""
+        started = time.monotonic()
+        self.version += 1
+        self.checkpoint()
+        sent = publish_model(
+            self.producer,
+            self.config.model_topic,
+            version=self.version,
+            step=self.trainer.step,
+            data=self.trainer.bundle_bytes(),
+            encoding=MODEL_ENCODING,
+            vocabulary_size=len(self.trainer.vocabulary),
+            config={"gamma": self.config.gamma, "window": self.config.window, "feature_dim": FEATURE_DIM},
+        )
+        if self.offsets:
+            self.consumer.commit(dict(self.offsets))
+        self.last_publish_step = self.trainer.step
+        self.last_publish_time = time.monotonic()
+        self.metrics.publish_seconds.observe(time.monotonic() - started)
+        self.metrics.publish_bytes.set(sent)
+        self.metrics.model_version.set(self.version)
+        self.metrics.last_publish.set(time.time())
+        log.info("published model version %d (step %d, %d bytes)", self.version, self.trainer.step, sent)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _decode(self, records: list[Record]) -> list[Transition]:
+        transitions = []
+        for record in records:
+            message = TRANSITIONS.decode(record.value)
+            if isinstance(message, DecodeError):
+                self.dead_letters.send(
+                    dead_letter(
+                        record.value,
+                        message,
+                        service="learner",
+                        now_ms=int(time.time() * 1000),
+                        source=record,
+                    )
+                )
+                continue
+            transitions.append(message)
+        return transitions
+
+    def poll_once(self, timeout_s: float = 0.5) -> int:
+        records = self.consumer.poll(max_records=5000, timeout_s=timeout_s)
+        if records:
+            transitions = self._decode(records)
+            added = self.trainer.add(transitions)
+            self.metrics.duplicates.inc(len(transitions) - added)
+            self.metrics.transitions.inc(added)
+            self.learned += added
+            for record in records:
+                tp = record.topic_partition
+                self.offsets[tp] = max(self.offsets.get(tp, 0), record.offset + 1)
+            if len(self.trainer.buffer) >= self.config.min_replay_size:
+                self.updates_due += added * self.config.replay_ratio / self.config.batch_size
+        per_call = self.config.updates_per_call
+        if self.updates_due >= per_call:
+            calls = int(self.updates_due // per_call)
+            result = self.trainer.train(calls * per_call)
+            self.updates_due -= result.updates
+            self._record(result)
+        stepped = self.trainer.step - self.last_publish_step
+        if stepped >= self.config.publish_every_steps or (
+            stepped > 0 and time.monotonic() - self.last_publish_time >= self.config.publish_every_seconds
+        ):
+            self.publish()
+        self.metrics.replay_size.set(len(self.trainer.buffer))
+        self.metrics.vocabulary_size.set(len(self.trainer.vocabulary))
+        return len(records)
+
+    def _record(self, result: Any) -> None:
+        self.metrics.updates.inc(result.updates)
+        self.metrics.loss.set(result.loss)
+        self.metrics.td_error.set(result.td_error_abs_mean)
+        self.metrics.q_mean.set(result.q_mean)
+        self.metrics.q_max.set(result.q_max)
+        if self.config.target_update == "periodic":
+            self.metrics.target_age.set(self.trainer.step % self.config.target_update_period)
+        else:
+            self.metrics.target_age.set(0)
+
+    def run(self, stop: threading.Event | None = None, *, on_poll: Callable[[], None] | None = None) -> None:
+        stop = stop or threading.Event()
+        self.metrics.up.labels("learner").set(1)
+        try:
+            while not stop.is_set():
+                self.poll_once()
+                if on_poll is not None:
+                    on_poll()
+            if self.trainer.step > self.last_publish_step:
+                self.publish()
+            elif self.offsets:
+                self.checkpoint()  # keep the consumed offsets even when no new model was trained
+        finally:
+            self.metrics.up.labels("learner").set(0)
+            self.close()
+
+    def close(self) -> None:
+        try:
+            self.producer.flush()
+        finally:
+            self.consumer.close()
+            self.producer.close()
