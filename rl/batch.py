@@ -12,6 +12,7 @@ Index conventions (shared with `rl.vocabulary`):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,6 +50,10 @@ class ObsBatch:
     gaps: Array  # (B, W) float32: log1p(seconds since the previous event)
     features: Array  # (B, D) float32
 
+    def replace(self, **changes: Any) -> ObsBatch:
+        """A copy with some fields changed (flax provides it; declared here for type checkers)."""
+        return dataclasses.replace(self, **changes)
+
     @property
     def batch_size(self) -> int:
         return int(self.items.shape[0])
@@ -72,6 +77,10 @@ class TransitionBatch:
     discount_t: Array  # (B,) float32: 0 at episode end, else 1; the learner multiplies by gamma
     obs_t: ObsBatch
     weights: Array  # (B,) float32 importance weights, 1 for uniform sampling
+
+    def replace(self, **changes: Any) -> TransitionBatch:
+        """A copy with some fields changed (flax provides it; declared here for type checkers)."""
+        return dataclasses.replace(self, **changes)
 
     @property
     def batch_size(self) -> int:

@@ -17,6 +17,7 @@ disturbed by other processes on a shared machine; ratios come from the same run.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +28,7 @@ import numpy as np
 import optax
 
 from rl.batch import ObsBatch, TransitionBatch
-from rl.networks import NetworkConfig, QNetwork
+from rl.networks import NetworkConfig, QNetwork, q_values
 from rl.train import LearnerConfig, create_train_state, make_optimizer, update_many
 from rl.value_learning import huber_loss
 
@@ -56,7 +57,7 @@ def dqn_update_flops(
     """
     input_dim = feature_dim + (2 * embed_dim if window > 0 else 0)
     widths = [input_dim, *hidden_sizes, embed_dim]
-    layer_flops = [2 * a * b for a, b in zip(widths[:-1], widths[1:], strict=True)]  # per sample
+    layer_flops = [2 * a * b for a, b in itertools.pairwise(widths)]  # per sample
     encoder_forward = sum(layer_flops) + (2 * window * embed_dim if window > 0 else 0)
     encoder_backward = 2 * sum(layer_flops) - layer_flops[0]
     scoring = 2 * embed_dim * num_actions
@@ -130,7 +131,7 @@ def _seed_loop_tps(
     @jax.jit
     def fit(params: Any, opt_state: Any, obs: ObsBatch, target: jax.Array) -> tuple[Any, Any]:
         def loss(p: Any) -> jax.Array:
-            return jnp.mean((network.apply(p, obs) - target) ** 2)
+            return jnp.mean((q_values(network, p, obs) - target) ** 2)
 
         grads = jax.grad(loss)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -174,11 +175,11 @@ def _jit_batch_tps(
     def dqn_update(
         params: Any, target_params: Any, opt_state: Any, batch: TransitionBatch
     ) -> tuple[Any, Any, jax.Array]:
-        q_next = network.apply(target_params, batch.obs_t)  # (B, A)
+        q_next = q_values(network, target_params, batch.obs_t)  # (B, A)
         td_target = batch.r_t + config.gamma * batch.discount_t * q_next.max(axis=1)  # (B,)
 
         def loss(p: Any) -> jax.Array:
-            q = network.apply(p, batch.obs_tm1)  # (B, A): every action scored, as in CleanRL
+            q = q_values(network, p, batch.obs_tm1)  # (B, A): every action scored, as in CleanRL
             q_taken = q[jnp.arange(q.shape[0]), batch.a_tm1]
             return jnp.mean(huber_loss(q_taken - td_target, config.huber_delta))
 
@@ -239,8 +240,10 @@ def bench_case(num_actions: int, *, quick: bool, peak_flops: float) -> dict[str,
         repeats = 1 if large else 2
     else:
         num_fused = 8 if large else 32
-        seed_samples, jit_updates, qrec_calls = (200 if large else 2000), (16 if large else 320), (
-            4 if large else 10
+        seed_samples, jit_updates, qrec_calls = (
+            (200 if large else 2000),
+            (16 if large else 320),
+            (4 if large else 10),
         )
         repeats = 3
     stacked = jax.device_put(
@@ -300,5 +303,7 @@ def bench_learner(quick: bool = False) -> dict[str, Any]:
 
 if __name__ == "__main__":
     import json
+    import sys
 
-    print(json.dumps(bench_learner(quick=True), indent=2))
+    # `python -m rl.benchmark` for the quick run, `python -m rl.benchmark --full` for the long one.
+    print(json.dumps(bench_learner(quick="--full" not in sys.argv[1:]), indent=2))

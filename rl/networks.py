@@ -11,9 +11,8 @@ encoding, with its own projection and bias.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -182,14 +181,25 @@ class QNetwork(nn.Module):
         return q, logits
 
 
-# Initialisation runs once, so its machine code need not be fast, only quick to build: eager
-# execution dispatches every small op one by one (~6 s for a tiny network on a 2-core CPU), and a
-# default compile spends ~2 s optimising random-number code; backend optimisation level 0 cuts that
-# ~2.5x. Compiled functions are cached per network and input shape.
-@functools.partial(jax.jit, static_argnums=0, compiler_options={"xla_backend_optimization_level": 0})
 def init_params(network: QNetwork, example_obs: ObsBatch, key: jax.Array) -> Any:
     """Fresh parameters for `network`, shaped by `example_obs` (its batch size does not matter).
 
-    The window width and feature count of `example_obs` are fixed into the parameters.
+    The window width and feature count of `example_obs` are fixed into the parameters. Outside a
+    trace, prefer `init_params_compiled`, which is much faster to run the first time.
     """
     return network.init(key, example_obs, method=QNetwork.initialize_all)
+
+
+# Initialisation runs once, so its machine code need not be fast, only quick to build: eager
+# execution dispatches every small op one by one (~6 s for a tiny network on a 2-core CPU), and a
+# default compile spends ~2 s optimising random-number code; backend optimisation level 0 cuts that
+# ~2.5x. Compiled functions are cached per network and input shape. JAX allows compiler options on
+# top-level jits only, so call this outside jit / eval_shape (init_params works anywhere).
+init_params_compiled = jax.jit(
+    init_params, static_argnums=0, compiler_options={"xla_backend_optimization_level": 0}
+)
+
+
+def q_values(network: QNetwork, params: Any, obs: ObsBatch) -> jax.Array:
+    """Q(s, a) for all actions, (B, A): `network.apply` with the return type spelled out."""
+    return cast(jax.Array, network.apply(params, obs))

@@ -28,7 +28,9 @@ from rl.networks import (
     NetworkConfig,
     QNetwork,
     init_params,
+    init_params_compiled,
     item_embedding_init,
+    q_values,
 )
 from rl.value_learning import double_q_learning_target, huber_loss, q_learning_target
 
@@ -96,6 +98,10 @@ class TrainState:
     opt_state: Any
     step: jax.Array  # () int32: updates applied so far
 
+    def replace(self, **changes: Any) -> TrainState:
+        """A copy with some fields changed (flax provides it; declared here for type checkers)."""
+        return dataclasses.replace(self, **changes)
+
 
 def make_optimizer(config: LearnerConfig) -> optax.GradientTransformation:
     """Adam behind global-norm clipping."""
@@ -116,17 +122,25 @@ def create_train_state(
         raise ValueError("sqn_weight > 0 needs NetworkConfig(next_item_head=True)")
     if key is None:
         key = jax.random.key(learner_config.seed)
-    params = init_params(QNetwork(network_config), example_obs, key)
+    network = QNetwork(network_config)
+    optimizer = make_optimizer(learner_config)
+    if _is_traced((example_obs, key)):  # inside jit or eval_shape: trace through plainly
+        params = init_params(network, example_obs, key)
+        opt_state = optimizer.init(params)
+    else:  # compiled quickly rather than well: it runs once (see networks.init_params_compiled)
+        params = init_params_compiled(network, example_obs, key)
+        opt_state = jax.jit(optimizer.init, compiler_options={"xla_backend_optimization_level": 0})(params)
     return TrainState(
         params=params,
         # A distinct buffer, so donating or mutating one never aliases the other.
         target_params=jax.tree.map(jnp.copy, params),
-        # Compiled quickly rather than well: it runs once (see networks.init_params).
-        opt_state=jax.jit(
-            make_optimizer(learner_config).init, compiler_options={"xla_backend_optimization_level": 0}
-        )(params),
+        opt_state=opt_state,
         step=jnp.zeros((), jnp.int32),
     )
+
+
+def _is_traced(tree: Any) -> bool:
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
 
 
 def _mask_actions(q: jax.Array, action_mask: jax.Array | None) -> jax.Array:
@@ -161,10 +175,10 @@ def update(
     discount_t = config.gamma * batch.discount_t  # (B,)
 
     # Bootstrap targets need no gradient, so they are computed outside value_and_grad.
-    q_t_value = _mask_actions(network.apply(state.target_params, batch.obs_t), action_mask)  # (B, A)
+    q_t_value = _mask_actions(q_values(network, state.target_params, batch.obs_t), action_mask)  # (B, A)
     assert q_t_value.shape == (batch_size, num_actions), q_t_value.shape
     if config.double_dqn:
-        q_t_selector = _mask_actions(network.apply(state.params, batch.obs_t), action_mask)  # (B, A)
+        q_t_selector = _mask_actions(q_values(network, state.params, batch.obs_t), action_mask)  # (B, A)
         target_tm1 = jax.vmap(double_q_learning_target)(batch.r_t, discount_t, q_t_value, q_t_selector)
     else:
         target_tm1 = jax.vmap(q_learning_target)(batch.r_t, discount_t, q_t_value)
@@ -268,6 +282,7 @@ def reset_action_rows(state: TrainState, indices: Sequence[int] | np.ndarray, ke
         matches = [row_path for row_path in ACTION_ROW_PATHS if names[-len(row_path) :] == row_path]
         if not matches or not hasattr(leaf, "shape") or leaf.ndim < 1 or leaf.shape[0] != num_actions:
             return leaf
+        leaf = jnp.asarray(leaf)  # restored checkpoints hold numpy arrays, which have no .at
         if fresh and matches[0] == ITEM_EMBEDDING_PATH:
             return leaf.at[rows].set(new_embedding_rows)
         # Biases start at zero, as at initialisation; optimizer moments restart at zero.
@@ -280,4 +295,4 @@ def reset_action_rows(state: TrainState, indices: Sequence[int] | np.ndarray, ke
     new_opt_state = jax.tree_util.tree_map_with_path(
         functools.partial(reset_leaf, fresh=False), state.opt_state
     )
-    return state.replace(params=new_params, target_params=new_target, opt_state=new_opt_state)
+    return TrainState(params=new_params, target_params=new_target, opt_state=new_opt_state, step=state.step)

@@ -10,7 +10,9 @@ import jax
 import jax.numpy as jnp
 
 
-def _assert_transition_shapes(q_tm1: jax.Array, a_tm1: jax.Array, r_t: jax.Array, discount_t: jax.Array) -> None:
+def _assert_transition_shapes(
+    q_tm1: jax.Array, a_tm1: jax.Array, r_t: jax.Array, discount_t: jax.Array
+) -> None:
     assert q_tm1.ndim == 1, f"q_tm1 must be (num_actions,), got {q_tm1.shape}"
     assert jnp.ndim(a_tm1) == 0, f"a_tm1 must be a scalar, got {jnp.shape(a_tm1)}"
     assert jnp.ndim(r_t) == 0, f"r_t must be a scalar, got {jnp.shape(r_t)}"

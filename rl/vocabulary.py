@@ -61,6 +61,8 @@ class Vocabulary:
 
         The list is in order of reuse and without duplicates; freshly used indices are not in it.
         """
+        if isinstance(ids, str):
+            raise TypeError("observe takes an iterable of ids, not a single string")
         reused: list[int] = []
         for raw_id in ids:
             admitted = self._admitted.get(raw_id)

@@ -250,6 +250,7 @@ BENCHMARKS: dict[str, str] = {
     "replay": "replay of a real log into the real broker (produce_events_per_s)",
     "kafka_consume": "raw kafka-python consume rate on the same broker (events_per_s)",
     "state_builder": "state-builder throughput on the real broker next to the raw consume rate (ratio)",
+    "learner": "DQN transitions/s: seed per-sample loop vs one jitted update vs qrec's fused updates",
 }
 
 
@@ -267,6 +268,11 @@ def run_benchmarks(
     if "codec" in names:
         console.print("bench codec ...")
         results["codec"] = bench_codec(quick)
+    if "learner" in names:
+        from rl.benchmark import bench_learner
+
+        console.print("bench learner ...")
+        results["learner"] = bench_learner(quick)
     if {"replay", "kafka_consume", "state_builder"} & set(names):
         with _broker(bootstrap_servers, console) as servers:
             if "replay" in names or "kafka_consume" in names:

@@ -248,6 +248,34 @@ def cmd_learner(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_actor(args: argparse.Namespace) -> int:
+    from services.actor.config import ActorConfig
+    from services.actor.service import Actor
+
+    config = config_from_args(ActorConfig, args)
+    if config.bootstrap_servers == "embedded":
+        raise ConfigError(
+            "the actor runs as its own process and needs Kafka: pass --bootstrap-servers HOST:PORT "
+            "(qrec demo runs every service on the embedded bus in one process)"
+        )
+    registry = CollectorRegistry()
+    _serve(config, registry)
+    stop = _stop_on_signals()
+    bus = make_bus(
+        config,
+        session_timeout_ms=config.session_timeout_ms,
+        heartbeat_interval_ms=max(100, config.session_timeout_ms // 4),
+    )
+    try:
+        actor = Actor(config, bus, registry)
+        console.print(f"actor serving {config.user_state_topic} -> {config.recommendations_topic}")
+        published = actor.run(stop)
+    finally:
+        bus.close()
+    console.print(f"actor stopped after {published:,} recommendations")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from services.learner.config import TrainConfig
     from services.learner.offline import train_from_log
@@ -297,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
+    from services.actor.config import ActorConfig
     from services.learner.config import LearnerServiceConfig, TrainConfig
     from services.replay.config import RecordConfig, ReplayConfig
     from services.state_builder.config import StateBuilderConfig
@@ -325,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(
         sub("learner", "train the DQN from the transitions topic and publish models", cmd_learner),
         LearnerServiceConfig,
+    )
+    add_arguments(
+        sub("actor", "publish recommendations for recommendation opportunities", cmd_actor), ActorConfig
     )
     add_arguments(
         sub("train", "train the DQN offline from a recorded log (learning curve and model)", cmd_train),

@@ -16,6 +16,7 @@ from services.bus.partitioner import partition_for_key
 BUSES = [
     pytest.param("embedded", id="embedded"),
     pytest.param("kafka", id="kafka", marks=pytest.mark.kafka),
+    pytest.param("confluent", id="confluent", marks=pytest.mark.kafka),
 ]
 
 
@@ -24,8 +25,20 @@ def bus(request: pytest.FixtureRequest) -> Iterator[Bus]:
     if request.param == "embedded":
         yield EmbeddedBus()
         return
+    if request.param == "confluent":
+        import importlib.util
+
+        if importlib.util.find_spec("confluent_kafka") is None:
+            pytest.skip("optional client confluent-kafka is not installed: pip install 'qrec[confluent]'")
     servers = request.getfixturevalue("bootstrap_servers")
-    kafka_bus = KafkaBus(KafkaSettings(bootstrap_servers=servers, session_timeout_ms=6000))
+    settings = KafkaSettings(bootstrap_servers=servers, session_timeout_ms=6000)
+    kafka_bus: Bus
+    if request.param == "confluent":
+        from services.bus.confluent import ConfluentBus
+
+        kafka_bus = ConfluentBus(settings)
+    else:
+        kafka_bus = KafkaBus(settings)
     yield kafka_bus
     kafka_bus.close()
 

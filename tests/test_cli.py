@@ -10,7 +10,18 @@ import pytest
 
 from services.cli import main
 
-COMMANDS = ["topics", "replay", "record", "state-builder", "forget", "bench", "demo"]
+COMMANDS = [
+    "topics",
+    "replay",
+    "record",
+    "state-builder",
+    "learner",
+    "actor",
+    "train",
+    "forget",
+    "bench",
+    "demo",
+]
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 
 from rl.batch import ObsBatch
-from rl.networks import NetworkConfig, QNetwork, init_params
+from rl.networks import NetworkConfig, QNetwork, init_params_compiled
 
 NUM_ACTIONS = 12
 
 
 @functools.cache
-def compiled(network: QNetwork, method: object) -> Any:
+def compiled(network: QNetwork, method: Any) -> Any:
     return jax.jit(functools.partial(network.apply, method=method))
 
 
-def apply(network: QNetwork, params: dict, *args: object, method: object = None) -> Any:
+def apply(network: QNetwork, params: dict, *args: object, method: Any = None) -> Any:
     """network.apply, compiled: one quick compile beats eagerly compiling every op of a first call."""
     return compiled(network, method)(params, *args)
 
@@ -37,33 +37,42 @@ def make_obs(items: list[list[int]], features_dim: int = 3) -> ObsBatch:
     )
 
 
-def build(**overrides: object) -> tuple[QNetwork, dict]:
+@functools.cache
+def build(full: bool) -> tuple[QNetwork, dict]:
+    """Two networks serve every test (each new shape costs a compile): plain, and dueling + SQN head."""
     config = NetworkConfig.from_dict(
-        {"num_actions": NUM_ACTIONS, "embed_dim": 8, "hidden_sizes": [16], **overrides}
+        {
+            "num_actions": NUM_ACTIONS,
+            "embed_dim": 8,
+            "hidden_sizes": [16],
+            "dueling": full,
+            "next_item_head": full,
+        }
     )
     network = QNetwork(config)
-    params = init_params(network, make_obs([[0, 2, 3]]), jax.random.key(0))
+    params = init_params_compiled(network, make_obs([[0, 2, 3]]), jax.random.key(0))
     return network, params
 
 
-@pytest.mark.parametrize("dueling", [False, True])
-def test_shapes_and_gathered_q_matches_full_scores(dueling: bool) -> None:
-    network, params = build(dueling=dueling, next_item_head=True)
+@pytest.mark.parametrize("full", [False, True])
+def test_shapes_and_gathered_q_matches_full_scores(full: bool) -> None:
+    network, params = build(full)
     obs = make_obs([[0, 2, 3], [4, 5, 1], [0, 0, 0]])
     q = apply(network, params, obs)
     assert q.shape == (3, NUM_ACTIONS)
     actions = jnp.array([2, 7, 11])
     q_taken = apply(network, params, obs, actions, method=QNetwork.q_for_actions)
     np.testing.assert_allclose(q_taken, q[jnp.arange(3), actions], rtol=1e-5, atol=1e-6)
-    q_taken_2, logits = apply(
-        network, params, obs, actions, method=QNetwork.q_for_actions_and_next_item_logits
-    )
-    np.testing.assert_allclose(q_taken_2, q_taken, rtol=1e-6, atol=1e-6)
-    assert logits.shape == (3, NUM_ACTIONS)
+    if full:
+        q_taken_2, logits = apply(
+            network, params, obs, actions, method=QNetwork.q_for_actions_and_next_item_logits
+        )
+        np.testing.assert_allclose(q_taken_2, q_taken, rtol=1e-6, atol=1e-6)
+        assert logits.shape == (3, NUM_ACTIONS)
 
 
 def test_scores_are_dot_products_with_the_item_table() -> None:
-    network, params = build()
+    network, params = build(False)
     obs = make_obs([[0, 2, 3]])
     q = apply(network, params, obs)
     table = params["params"]["item_embedding"]["embedding"]
@@ -73,7 +82,7 @@ def test_scores_are_dot_products_with_the_item_table() -> None:
 
 
 def test_item_table_is_shared_between_state_and_action_sides() -> None:
-    network, params = build()
+    network, params = build(False)
     obs_with_5 = make_obs([[0, 5, 2]])
     obs_without_5 = make_obs([[0, 6, 2]])
     changed = jax.tree.map(jnp.copy, params)
@@ -93,7 +102,7 @@ def test_item_table_is_shared_between_state_and_action_sides() -> None:
 
 
 def test_padding_is_masked_but_out_of_vocabulary_counts() -> None:
-    network, params = build()
+    network, params = build(False)
     obs = make_obs([[0, 0, 3]])
     noisy_padding = obs.replace(gaps=obs.gaps.copy())
     noisy_padding.gaps[0, 0] = 9.0  # a gap in a padded slot must not matter
@@ -104,7 +113,7 @@ def test_padding_is_masked_but_out_of_vocabulary_counts() -> None:
 
 
 def test_dueling_advantages_have_zero_mean() -> None:
-    network, params = build(dueling=True)
+    network, params = build(True)
     obs = make_obs([[0, 2, 3], [4, 5, 6]])
     q = apply(network, params, obs)
     hidden = apply(network, params, obs, method=QNetwork.encode)
@@ -121,14 +130,14 @@ def test_without_a_window_only_features_are_used() -> None:
         gaps=np.zeros((2, 0), np.float32),
         features=np.eye(2, 6, dtype=np.float32),
     )
-    params = init_params(network, obs, jax.random.key(1))
+    params = init_params_compiled(network, obs, jax.random.key(1))
     assert params["params"]["hidden_layers_0"]["kernel"].shape == (6, 8)
     assert "event_type_embedding" not in params["params"]
     assert apply(network, params, obs).shape == (2, 5)
 
 
 def test_next_item_logits_need_the_head() -> None:
-    network, params = build()
+    network, params = build(False)
     with pytest.raises(ValueError, match="next_item_head"):
         apply(network, params, make_obs([[0, 2, 3]]), method=QNetwork.next_item_logits)
 
@@ -141,4 +150,4 @@ def test_config_validation_and_round_trip() -> None:
     with pytest.raises(ValueError, match="num_actions"):
         NetworkConfig(num_actions=0)
     with pytest.raises(TypeError):
-        NetworkConfig(10)  # type: ignore[misc]  # keyword-only
+        NetworkConfig(10)  # type: ignore[call-arg]  # keyword-only

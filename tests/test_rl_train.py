@@ -13,6 +13,7 @@ from rl.batch import ObsBatch, TransitionBatch, empty_obs_batch, transition_batc
 from rl.benchmark import dqn_update_flops
 from rl.networks import NetworkConfig, QNetwork
 from rl.replay import ReplayBuffer
+from rl.serialize import tree_from_bytes, tree_to_bytes
 from rl.train import (
     LearnerConfig,
     TrainState,
@@ -146,14 +147,14 @@ def test_action_mask_keeps_unassigned_actions_out_of_the_bootstrap() -> None:
 
 
 def test_reset_action_rows_reinitialises_rows_in_params_target_and_adam() -> None:
-    config = NetworkConfig(num_actions=6, embed_dim=4, hidden_sizes=(8,), next_item_head=True)
-    learner = LearnerConfig(sqn_weight=1.0)
-    rng = np.random.default_rng(5)
-    batches = [random_batch(rng, 8, 6) for _ in range(3)]
-    state = create_train_state(config, learner, batches[0].obs_tm1, jax.random.key(0))
-    state, _ = update_many(state, stack_batches(batches), network=QNetwork(config), config=learner)
+    # The SQN test's network and update: sharing them saves two compiles.
+    batch = sequence_batch(window=3, num_items=SEQUENCE_ITEMS)
+    state = create_train_state(SEQUENCE_NETWORK, SEQUENCE_LEARNER, batch.obs_tm1, jax.random.key(0))
+    state, _ = update_many(
+        state, stack_batches([batch] * 50), network=QNetwork(SEQUENCE_NETWORK), config=SEQUENCE_LEARNER
+    )
     reset = reset_action_rows(state, [4, 2], jax.random.key(9))
-    kept = np.array([0, 1, 3, 5])
+    kept = np.array([0, 1, 3, 5, 6, 7, 8, 9])
     for params, before in ((reset.params, state.params), (reset.target_params, state.target_params)):
         table = params["params"]["item_embedding"]["embedding"]
         np.testing.assert_array_equal(table[kept], before["params"]["item_embedding"]["embedding"][kept])
@@ -176,8 +177,12 @@ def test_reset_action_rows_reinitialises_rows_in_params_target_and_adam() -> Non
         is state.params["params"]["hidden_layers_0"]["kernel"]
     )
     assert reset_action_rows(state, [], jax.random.key(0)) is state
+    # A state restored from a checkpoint holds numpy arrays; resetting must work on it too.
+    restored = tree_from_bytes(state, tree_to_bytes(state))
+    from_restored = reset_action_rows(restored, [4, 2], jax.random.key(9))
+    jax.tree.map(np.testing.assert_array_equal, from_restored.params, reset.params)
     with pytest.raises(ValueError, match="action indices"):
-        reset_action_rows(state, [6], jax.random.key(0))
+        reset_action_rows(state, [SEQUENCE_NETWORK.num_actions], jax.random.key(0))
 
 
 def test_config_validation() -> None:
@@ -209,6 +214,7 @@ def test_analytic_flops_agree_with_the_compiler_cost_model() -> None:
         ).lower(state, batch)
         cost = lowered.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
+        assert cost is not None
         analytic = dqn_update_flops(
             batch_size=256,
             feature_dim=64,
@@ -265,11 +271,13 @@ def test_dqn_learns_the_optimal_q_of_a_chain() -> None:
     q_star = chain_q_star(gamma)
     # Sanity of the task itself: going right is optimal everywhere, looping left at 0 is not.
     assert np.all(q_star[:, RIGHT] > q_star[:, LEFT])
-    states, actions, rewards, dones, next_states = [], [], [], [], []
-    for s in range(4):
-        for a in (LEFT, RIGHT):
-            s2, r, done = chain_step(s, a)
-            states.append(s), actions.append(a), rewards.append(r), dones.append(done), next_states.append(s2)
+    # Every (state, action) pair once: 8 transitions, sampled uniformly from the buffer.
+    pairs = [(s, a) for s in range(4) for a in (LEFT, RIGHT)]
+    outcomes = [chain_step(s, a) for s, a in pairs]
+    states, actions = [s for s, _ in pairs], [a for _, a in pairs]
+    next_states = [s2 for s2, _, _ in outcomes]
+    rewards = [r for _, r, _ in outcomes]
+    dones = [done for _, _, done in outcomes]
     buffer = ReplayBuffer(64, window=0, feature_dim=CHAIN_STATES)
     buffer.add(transition_batch(one_hot_obs(states), actions, rewards, dones, one_hot_obs(next_states)))
 
@@ -288,17 +296,25 @@ def test_dqn_learns_the_optimal_q_of_a_chain() -> None:
         error = float(np.max(np.abs(np.asarray(apply(state.params, probe)) - q_star)))
         if error < 0.02 and int(state.step) >= 2000:
             break
-    assert error < 0.1, f"max |Q - Q*| = {error:.3f} after {int(state.step)} updates"
+    assert error < 0.05, f"max |Q - Q*| = {error:.3f} after {int(state.step)} updates"
+
+
+SEQUENCE_ITEMS = 8
+SEQUENCE_NETWORK = NetworkConfig(
+    num_actions=SEQUENCE_ITEMS + 2, embed_dim=16, hidden_sizes=(32,), next_item_head=True
+)
+SEQUENCE_LEARNER = LearnerConfig(sqn_weight=1.0, learning_rate=1e-2)
 
 
 def sequence_batch(window: int, num_items: int) -> TransitionBatch:
     """Items 2..num_items+1 in a fixed cycle; the label (a_tm1) is the item that comes next."""
     cycle = list(range(2, num_items + 2))
-    histories, labels, next_histories = [], [], []
-    for position in range(num_items):
-        history = [cycle[(position - offset) % num_items] for offset in reversed(range(window))]
-        nxt = cycle[(position + 1) % num_items]
-        histories.append(history), labels.append(nxt), next_histories.append([*history[1:], nxt])
+    histories = [
+        [cycle[(position - offset) % num_items] for offset in reversed(range(window))]
+        for position in range(num_items)
+    ]
+    labels = [cycle[(position + 1) % num_items] for position in range(num_items)]
+    next_histories = [[*history[1:], label] for history, label in zip(histories, labels, strict=True)]
 
     def obs(rows: list[list[int]]) -> ObsBatch:
         items = np.asarray(rows, np.int32)
@@ -315,14 +331,9 @@ def sequence_batch(window: int, num_items: int) -> TransitionBatch:
 
 
 def test_sqn_next_item_head_learns_a_deterministic_sequence() -> None:
-    num_items = 8
-    batch = sequence_batch(window=3, num_items=num_items)
-    network_config = NetworkConfig(
-        num_actions=num_items + 2, embed_dim=16, hidden_sizes=(32,), next_item_head=True
-    )
-    config = LearnerConfig(sqn_weight=1.0, learning_rate=1e-2)
-    network = QNetwork(network_config)
-    state = create_train_state(network_config, config, batch.obs_tm1, jax.random.key(0))
+    batch = sequence_batch(window=3, num_items=SEQUENCE_ITEMS)
+    network = QNetwork(SEQUENCE_NETWORK)
+    state = create_train_state(SEQUENCE_NETWORK, SEQUENCE_LEARNER, batch.obs_tm1, jax.random.key(0))
     logits_of = jax.jit(lambda params, obs: network.apply(params, obs, method=QNetwork.next_item_logits))
 
     def accuracy(current: TrainState) -> float:
@@ -330,8 +341,13 @@ def test_sqn_next_item_head_learns_a_deterministic_sequence() -> None:
         return float(np.mean(predicted == batch.a_tm1))
 
     before = accuracy(state)
-    state, metrics = update_many(state, stack_batches([batch] * 200), network=network, config=config)
+    losses = []
+    for _ in range(4):
+        state, metrics = update_many(
+            state, stack_batches([batch] * 50), network=network, config=SEQUENCE_LEARNER
+        )
+        losses.append(np.asarray(metrics["next_item_loss"]))
     after = accuracy(state)
     assert before <= 0.5
-    assert after == 1.0, f"next-item accuracy {after} (chance {1 / num_items})"
-    assert float(metrics["next_item_loss"][-1]) < 0.2 * float(metrics["next_item_loss"][0])
+    assert after == 1.0, f"next-item accuracy {after} (chance {1 / SEQUENCE_ITEMS})"
+    assert float(losses[-1][-1]) < 0.2 * float(losses[0][0])

@@ -79,7 +79,7 @@ def test_bytes_round_trip_is_exact_and_deterministic() -> None:
     reused = [vocabulary.observe(["e", "e", "f", "f"], now_step=3) for vocabulary in (original, restored)]
     assert reused[0] == reused[1] and reused[0], reused
     assert original.to_bytes() == restored.to_bytes()
-    np.testing.assert_array_equal(restored.lookup(ids + ["e", "f"]), original.lookup(ids + ["e", "f"]))
+    np.testing.assert_array_equal(restored.lookup([*ids, "e", "f"]), original.lookup([*ids, "e", "f"]))
 
 
 def test_malformed_bytes_raise_value_error() -> None:

@@ -159,7 +159,7 @@ class Learner:
             self.consumer.seek(tp, self.offsets.get(tp, 0))
         self.metrics.model_version.set(self.version)
         log.info(
-            "resumed from checkpoint: version %d, step %d, %d transitions learned; refilled %d into the buffer",
+            "resumed from checkpoint: version %d, step %d, %d transitions learned; %d refilled the buffer",
             self.version,
             self.trainer.step,
             self.learned,

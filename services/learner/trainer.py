@@ -122,7 +122,7 @@ class Trainer:
         return ObsBatch(items=items, event_types=types, gaps=gaps, features=features)
 
     def add(self, transitions: Sequence[Transition]) -> int:
-        """Deduplicate by transition id, grow the vocabulary, and fill the buffer; returns how many were new."""
+        """Drop already-seen transition ids, grow the vocabulary, fill the buffer; returns the new count."""
         fresh = []
         for transition in transitions:
             if transition.transition_id in self.seen_ids:

@@ -39,6 +39,7 @@ class Emitted:
     outcomes: dict[str, int] = field(default_factory=dict)
     attribution: dict[str, int] = field(default_factory=dict)
     events_by_type: dict[str, int] = field(default_factory=dict)
+    state_record_times: dict[str, int] = field(default_factory=dict)  # source event id -> Kafka record time
 
     def _absorb(self, outputs: Outputs) -> None:
         self.transitions.extend(outputs.transitions)

@@ -268,7 +268,10 @@ class StateBuilder:
             if message is None:
                 continue
             if isinstance(message, ClickEvent):
+                before = len(emitted.states)
                 partition.event(message, record.offset, emitted)
+                if len(emitted.states) > before:
+                    emitted.state_record_times[message.event_id] = record.timestamp_ms
             else:
                 partition.recommendation(message, record.offset, emitted)
                 self.metrics.recommendations.inc()
@@ -290,10 +293,12 @@ class StateBuilder:
         send = self.producer.send
         config = self.config
         for state, record in emitted.states:
+            # The event's own Kafka time travels on, so the actor can measure end-to-end latency.
             send(
                 config.user_state_topic,
                 state.user_id.encode(),
                 encode(state),
+                timestamp_ms=emitted.state_record_times.get(state.source_event_id),
                 headers=(SCHEMA_HEADERS["user_state"], (RECORD_HEADER, encode_record(record))),
                 partition=number,
             )

@@ -1,0 +1,1 @@
+"""The actor: recommendations from the latest model, with exploration and exact propensities."""

@@ -1,0 +1,118 @@
+"""The model an actor serves: parameters, vocabulary and a compiled scorer, swapped as a whole."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rl.batch import ObsBatch, empty_obs_batch, event_type_indices
+from rl.networks import QNetwork, init_params
+from rl.serialize import tree_from_bytes
+from rl.slate import epsilon_greedy_slate, softmax_slate
+from rl.vocabulary import Vocabulary
+from schemas.messages import Observation
+from services.learner.trainer import load_bundle
+from services.model_topic import AssembledModel
+
+
+@functools.partial(jax.jit, static_argnames=("network", "k", "exploration"))
+def score_and_select(
+    params: Any,
+    obs: ObsBatch,
+    allowed: jax.Array,
+    keys: jax.Array,
+    exploration_value: jax.Array,
+    *,
+    network: QNetwork,
+    k: int,
+    exploration: str,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Q-values for every action, then one slate per user: (actions, propensities, explored, scores)."""
+    q = network.apply(params, obs)  # (B, A)
+    assert isinstance(q, jax.Array)
+    select = epsilon_greedy_slate if exploration == "epsilon" else softmax_slate
+    slates = jax.vmap(lambda s, m, key: select(s, m, k, exploration_value, key))(q, allowed, keys)
+    actions, propensities, explored = slates  # (B, k) each
+    scores = jnp.take_along_axis(q, jnp.maximum(actions, 0), axis=1)  # (B, k)
+    return actions, propensities, explored, scores
+
+
+def select_from_scores(
+    scores: np.ndarray, allowed: np.ndarray, keys: jax.Array, k: int, exploration: str, value: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Slates over a fixed candidate list (popularity, random): (actions, propensities, explored)."""
+    select = epsilon_greedy_slate if exploration == "epsilon" else softmax_slate
+    batched = jax.vmap(lambda s, m, key: select(s, m, k, value, key))
+    size = allowed.shape[0]
+    tiled = np.broadcast_to(scores, (size, scores.shape[0]))  # (B, C)
+    actions, propensities, explored = batched(jnp.asarray(tiled), jnp.asarray(allowed), keys)
+    return np.asarray(actions), np.asarray(propensities), np.asarray(explored)
+
+
+@dataclass
+class LiveModel:
+    """A verified model version ready to score."""
+
+    version: int
+    created_at_ms: int
+    network: QNetwork
+    params: Any
+    vocabulary: Vocabulary
+    window: int
+    feature_dim: int
+    index: dict[str, int]  # raw item id -> action index, for masks
+
+    @classmethod
+    def from_assembled(cls, model: AssembledModel) -> LiveModel:
+        """Decode and check a model; raises ValueError when the bytes are not a usable model."""
+        network_config, bundle = load_bundle(model.data)
+        network = QNetwork(network_config)
+        example = empty_obs_batch(1, window=bundle.window, feature_dim=bundle.feature_dim)
+        # Compiled: eager initialisation dispatches each small op separately and takes seconds.
+        template = jax.jit(init_params, static_argnums=0)(network, example, jax.random.key(0))
+        try:
+            params = tree_from_bytes(template, bundle.params)
+        except (ValueError, KeyError) as exc:
+            raise ValueError(f"model parameters do not fit the network: {exc}") from None
+        vocabulary = Vocabulary.from_bytes(bundle.vocabulary)
+        return cls(
+            version=model.header.model_version,
+            created_at_ms=model.header.created_at,
+            network=network,
+            params=params,
+            vocabulary=vocabulary,
+            window=bundle.window,
+            feature_dim=bundle.feature_dim,
+            index={
+                item: i
+                for i, item in enumerate(vocabulary.ids_for(range(vocabulary.num_actions)))
+                if item is not None
+            },
+        )
+
+    def encode(self, observations: Sequence[Observation], pad_to: int) -> ObsBatch:
+        """Arrays for ``observations``, padded with empty rows to ``pad_to`` (bounded recompiles)."""
+        window, dim = self.window, self.feature_dim
+        items = np.zeros((pad_to, window), np.int32)  # (B, W)
+        types = np.zeros((pad_to, window), np.int32)  # (B, W)
+        gaps = np.zeros((pad_to, window), np.float32)  # (B, W)
+        features = np.zeros((pad_to, dim), np.float32)  # (B, D)
+        for row, obs in enumerate(observations):
+            if len(obs.features) != dim:
+                raise ValueError(
+                    f"state has {len(obs.features)} features, model {self.version} expects {dim}"
+                )
+            features[row] = obs.features
+            recent = obs.recent_items[-window:]
+            if recent:
+                n = len(recent)
+                items[row, window - n :] = self.vocabulary.lookup(recent)
+                types[row, window - n :] = event_type_indices(obs.recent_event_types[-n:])
+                gaps[row, window - n :] = np.log1p(np.asarray(obs.recent_gaps_seconds[-n:], np.float32))
+        return ObsBatch(items=items, event_types=types, gaps=gaps, features=features)

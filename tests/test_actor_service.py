@@ -1,0 +1,202 @@
+"""The actor: policy split, popularity, masks, and the serving loop with live model swaps."""
+
+from __future__ import annotations
+
+import base64
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from schemas.codec import RECOMMENDATIONS, USER_STATES, encode
+from schemas.messages import ModelUpdateChunk, ModelUpdateHeader, Recommendation, UserState
+from services.actor.config import ActorConfig
+from services.actor.service import Actor
+from services.actor.step import Popularity, allowed_mask, parse_split
+from services.bus.base import Bus, Record, TopicPartition
+from services.bus.embedded import EmbeddedBus
+from services.config import ConfigError
+from services.learner.config import LearnerServiceConfig
+from services.learner.service import Learner
+from services.replay.config import ReplayConfig
+from services.replay.formats import read_log
+from services.replay.service import run_replay
+from services.state_builder.config import StateBuilderConfig
+from services.state_builder.service import UPDATE_HEADER, StateBuilder
+from services.topics import MODEL, USER_STATE
+from services.topics import RECOMMENDATIONS as RECOMMENDATIONS_TOPIC
+
+TAOBAO = (
+    Path(__file__).resolve().parents[2]
+    / "shared"
+    / "data"
+    / "taobao_userbehavior_head"
+    / "UserBehavior_head.csv"
+)
+
+
+def test_policy_split_is_stable_and_close_to_its_shares() -> None:
+    split = parse_split("dqn=0.7,popularity=0.2,random=0.1", "salt")
+    users = [f"user-{i}" for i in range(20_000)]
+    first = [split.policy_for(u) for u in users]
+    assert first == [split.policy_for(u) for u in users], "the same user always gets the same policy"
+    shares = Counter(first)
+    assert abs(shares["dqn"] / 20_000 - 0.7) < 0.015
+    assert abs(shares["popularity"] / 20_000 - 0.2) < 0.015
+    assert abs(shares["random"] / 20_000 - 0.1) < 0.015
+    other = parse_split("dqn=0.7,popularity=0.2,random=0.1", "another salt")
+    assert [other.policy_for(u) for u in users] != first, "a new salt reshuffles the groups"
+
+
+@pytest.mark.parametrize("text", ["dqn=0.5", "dqn=0.5,bandit=0.5", "dqn=x,random=1", "dqn=1.2,random=-0.2"])
+def test_bad_policy_splits_are_refused(text: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_split(text, "s")
+
+
+def test_popularity_prefers_recent_items() -> None:
+    popularity = Popularity(half_life_events=10)
+    popularity.observe(["old"] * 30)
+    popularity.observe(["new"] * 12)
+    ids, scores = popularity.top(2)
+    # 30 events of "old" decayed by 12 more events of "new": 30 vs about 12 * 1.4 of weight ...
+    assert ids == ["new", "old"] or ids == ["old", "new"]
+    popularity.observe(["new"] * 30)
+    ids, scores = popularity.top(2)
+    assert ids == ["new", "old"] and scores[0] > scores[1]
+
+
+def test_allowed_mask_blocks_only_known_candidates() -> None:
+    index = {"a": 0, "b": 1, "c": 2}
+    mask = allowed_mask(index, 3, None, ["b", "zzz"])
+    assert mask.tolist() == [True, False, True]
+    base = np.array([True, True, False])
+    assert allowed_mask(index, 3, base, ["a"]).tolist() == [False, True, False]
+
+
+def read(bus: Bus, topic: str) -> list[Record]:
+    consumer = bus.consumer()
+    partitions = [TopicPartition(topic, p) for p in range(bus.partitions_for(topic))]
+    consumer.assign(partitions)
+    records: list[Record] = []
+    while batch := consumer.poll(max_records=10_000, timeout_s=0):
+        records.extend(batch)
+    consumer.close()
+    return records
+
+
+def opportunities(bus: Bus) -> set[str]:
+    found = set()
+    for record in read(bus, USER_STATE):
+        if record.value is None or dict(record.headers).get(UPDATE_HEADER):
+            continue
+        state = USER_STATES.decode(record.value)
+        assert isinstance(state, UserState)
+        if state.source_event_type == "view":
+            found.add(state.source_event_id)
+    return found
+
+
+def recommendations(bus: Bus) -> list[Recommendation]:
+    recs = [RECOMMENDATIONS.decode(r.value) for r in read(bus, RECOMMENDATIONS_TOPIC)]
+    assert all(isinstance(r, Recommendation) for r in recs)
+    return [r for r in recs if isinstance(r, Recommendation)]
+
+
+def drain(*services: StateBuilder | Actor | Learner) -> None:
+    busy = True
+    while busy:
+        busy = False
+        for service in services:
+            busy |= service.poll_once(timeout_s=0.01) > 0
+
+
+def test_closed_pipeline_on_the_embedded_bus_with_model_swaps(tmp_path: Path) -> None:
+    if not TAOBAO.is_file():
+        pytest.skip(f"{TAOBAO} is absent (the shared data folder sits beside the repository)")
+    events = sorted((e for row in read_log(TAOBAO) for e in row.events), key=lambda e: e.timestamp)
+    logs = []
+    for name, part in (("a", events[:3000]), ("b", events[3000:4000]), ("c", events[4000:4500])):
+        logs.append(tmp_path / f"{name}.jsonl")
+        logs[-1].write_bytes(b"".join(encode(e) + b"\n" for e in part))
+    bus = EmbeddedBus()
+    run_replay(ReplayConfig(log=str(logs[0]), partitions=2, progress=False), bus)
+    builder = StateBuilder(StateBuilderConfig(partitions=2), bus, CollectorRegistry())
+    builder.consumer.subscribe(
+        [builder.config.clickstream_topic, builder.config.recommendations_topic],
+        on_assign=builder._on_assign,
+        on_revoke=builder._on_revoke,
+    )
+    registry = CollectorRegistry()
+    actor = Actor(ActorConfig(partitions=2, slate_size=5), bus, registry)
+    actor.consumer.subscribe([actor.config.user_state_topic])
+    drain(builder, actor)
+
+    wanted = opportunities(bus)
+    recs = recommendations(bus)
+    assert {r.source_event_id for r in recs} == wanted, "every view gets exactly one recommendation"
+    assert len(recs) == len(wanted)
+    policies = Counter(r.policy for r in recs)
+    assert (
+        set(policies) <= {"popularity-coldstart", "popularity", "random"}
+        and "popularity-coldstart" in policies
+    )
+    assert all(r.model_version == 0 for r in recs)
+    for rec in recs:
+        assert len({item.item_id for item in rec.items}) == len(rec.items) <= 5
+        assert all(0 < item.propensity <= 1 for item in rec.items)
+
+    learner = Learner(
+        LearnerServiceConfig(
+            checkpoint_dir=str(tmp_path / "ckpt"),
+            partitions=2,
+            vocabulary_capacity=3000,
+            embed_dim=16,
+            hidden_sizes="32,32",
+            batch_size=32,
+            updates_per_call=4,
+            min_replay_size=100,
+            publish_every_steps=8,
+        ),
+        bus,
+        CollectorRegistry(),
+    )
+    drain(learner)
+    assert learner.version >= 1
+    run_replay(ReplayConfig(log=str(logs[1]), progress=False, create_topics=False), bus)
+    drain(builder, actor)
+    assert actor.model is not None and actor.model.version == learner.version
+    served = recommendations(bus)
+    dqn = [r for r in served if r.policy == "dqn"]
+    assert dqn and all(r.model_version == learner.version for r in dqn)
+    assert registry.get_sample_value("qrec_actor_model_swaps_total") == 1
+
+    # A corrupt version (its bytes do not match the header's hash) is rejected; serving goes on.
+    producer = bus.producer()
+    header = ModelUpdateHeader(
+        model_version=learner.version + 1,
+        step=1,
+        created_at=1,
+        vocabulary_size=1,
+        num_chunks=1,
+        total_bytes=4,
+        sha256="0" * 64,
+        encoding="qrec-model-v1+flax-msgpack",
+        config={},
+    )
+    chunk = ModelUpdateChunk(
+        model_version=learner.version + 1,
+        chunk_index=0,
+        num_chunks=1,
+        data_base64=base64.b64encode(b"junk").decode(),
+    )
+    producer.send(MODEL, b"header", encode(header))
+    producer.send(MODEL, b"chunk-0", encode(chunk))
+    before = len(served)
+    run_replay(ReplayConfig(log=str(logs[2]), progress=False, create_topics=False), bus)
+    drain(builder, actor)
+    assert registry.get_sample_value("qrec_actor_model_rejected_total") == 1
+    assert actor.model.version == learner.version, "the previous model keeps serving"
+    assert len(recommendations(bus)) > before
