@@ -24,6 +24,7 @@ from services.bus.partitioner import partition_for_key
 try:
     from confluent_kafka import (
         OFFSET_BEGINNING,
+        OFFSET_END,
         OFFSET_INVALID,
         Consumer,
         KafkaError,
@@ -61,43 +62,25 @@ MAX_CONSUME_BATCH = 1_000_000
 POLL_EVERY_SENDS = 64
 
 
-def _codes(*names: str) -> frozenset[int]:
-    """Error codes by name, skipping names this librdkafka version does not define."""
-    return frozenset(getattr(KafkaError, name) for name in names if hasattr(KafkaError, name))
+def _codes(names: str) -> frozenset[int]:
+    """Error codes by (space-separated) names, skipping names this librdkafka version does not define."""
+    return frozenset(getattr(KafkaError, name) for name in names.split() if hasattr(KafkaError, name))
 
 
 # Consumer errors that librdkafka recovers from by itself (it retries, re-resolves the coordinator,
 # refreshes metadata, or rejoins the group): logged, not raised, as kafka-python does.
 _TRANSIENT_CONSUMER_ERRORS = _codes(
-    "_TRANSPORT",
-    "_ALL_BROKERS_DOWN",
-    "_RESOLVE",
-    "_TIMED_OUT",
-    "_WAIT_COORD",
-    "_UNKNOWN_TOPIC",
-    "_UNKNOWN_PARTITION",
-    "_AUTO_OFFSET_RESET",
-    "_MAX_POLL_EXCEEDED",
-    "_ASSIGNMENT_LOST",
-    "NOT_COORDINATOR",
-    "COORDINATOR_LOAD_IN_PROGRESS",
-    "COORDINATOR_NOT_AVAILABLE",
-    "LEADER_NOT_AVAILABLE",
-    "NOT_LEADER_FOR_PARTITION",
-    "FENCED_LEADER_EPOCH",
-    "UNKNOWN_LEADER_EPOCH",
-    "OFFSET_NOT_AVAILABLE",
-    "REQUEST_TIMED_OUT",
-    "NETWORK_EXCEPTION",
-    "REBALANCE_IN_PROGRESS",
-    "UNKNOWN_TOPIC_OR_PART",
-    "KAFKA_STORAGE_ERROR",
+    """
+    _TRANSPORT _ALL_BROKERS_DOWN _RESOLVE _TIMED_OUT _WAIT_COORD _UNKNOWN_TOPIC _UNKNOWN_PARTITION
+    _AUTO_OFFSET_RESET _MAX_POLL_EXCEEDED _ASSIGNMENT_LOST NOT_COORDINATOR COORDINATOR_LOAD_IN_PROGRESS
+    COORDINATOR_NOT_AVAILABLE LEADER_NOT_AVAILABLE NOT_LEADER_FOR_PARTITION FENCED_LEADER_EPOCH
+    UNKNOWN_LEADER_EPOCH OFFSET_NOT_AVAILABLE REQUEST_TIMED_OUT NETWORK_EXCEPTION REBALANCE_IN_PROGRESS
+    UNKNOWN_TOPIC_OR_PART KAFKA_STORAGE_ERROR
+    """
 )
 _PARTITION_EOF = KafkaError._PARTITION_EOF
-# seek() on a partition whose fetcher has not started yet (e.g. right after assign) fails with these.
-_SEEK_NOT_READY = _codes("_STATE", "_UNKNOWN_PARTITION")
-_REBALANCED = _codes("ILLEGAL_GENERATION", "UNKNOWN_MEMBER_ID", "REBALANCE_IN_PROGRESS", "FENCED_INSTANCE_ID")
-_UNREACHABLE = _codes("_TRANSPORT", "_ALL_BROKERS_DOWN", "_TIMED_OUT", "_RESOLVE")
+_REBALANCED = _codes("ILLEGAL_GENERATION UNKNOWN_MEMBER_ID REBALANCE_IN_PROGRESS FENCED_INSTANCE_ID")
+_UNREACHABLE = _codes("_TRANSPORT _ALL_BROKERS_DOWN _TIMED_OUT _RESOLVE")
 
 _Key = tuple[str, int]
 
@@ -471,6 +454,7 @@ class ConfluentBusConsumer:
         # While the on_assign callback runs: the partitions being assigned, and seeks made meanwhile.
         self._assigning: set[_Key] | None = None
         self._assign_offsets: dict[_Key, int] = {}
+        self._seek_pending = False
         self._deferred: BusError | None = None
         self._fatal: KafkaError | None = None
         self._closing = False
@@ -535,15 +519,29 @@ class ConfluentBusConsumer:
         finally:
             for key in keys:
                 self._positions.pop(key, None)
+            self._seek_pending = False  # eager: everything is revoked, seeks of the old assignment lapse
             consumer.unassign()
 
     def assign(self, partitions: Sequence[TopicPartition]) -> None:
         self._check_open()
-        self._positions = {}
+        # Look the topics up first: it checks they exist, and librdkafka, knowing the leaders, starts
+        # fetching at once (without it the first offset query waits for a 500 ms retry timer).
+        for topic in sorted({tp.topic for tp in partitions}):
+            self._partition_count(topic)
+        self._positions, self._seek_pending = {}, False
         try:
             self._consumer.assign([_ktp(tp, self._initial_offset) for tp in partitions])
         except KafkaException as exc:
             raise BusError(f"assigning {list(partitions)} failed: {_describe(exc)}") from exc
+
+    def _partition_count(self, topic: str) -> int:
+        try:
+            found = self._consumer.list_topics(topic, timeout=_timeout_s(self.settings)).topics.get(topic)
+        except KafkaException as exc:
+            raise _unreachable(self.settings, exc) from exc
+        if found is None or found.error is not None or not found.partitions:
+            raise BusError(f"unknown topic {topic!r}: create it first (qrec topics create)")
+        return len(found.partitions)
 
     def _assigned_keys(self) -> set[_Key]:
         if self._assigning is not None:  # inside on_assign librdkafka's (eager) assignment is still empty
@@ -551,7 +549,8 @@ class ConfluentBusConsumer:
         return {(p.topic, p.partition) for p in self._consumer.assignment()}
 
     def assignment(self) -> set[TopicPartition]:
-        self._check_open()
+        if self._closed:
+            return set()
         return {TopicPartition(t, p) for t, p in self._assigned_keys()}
 
     def _require_assigned(self, tp: TopicPartition) -> _Key:
@@ -568,6 +567,8 @@ class ConfluentBusConsumer:
             raise deferred
         if self._fatal is not None:
             raise BusError(f"the consumer hit a fatal error: {self._fatal.name()}: {self._fatal.str()}")
+        if self._seek_pending:
+            self._apply_seeks()
         batch = max(1, min(max_records, MAX_CONSUME_BATCH))
         consumer = self._consumer
         deadline = time.monotonic() + max(0.0, timeout_s)
@@ -675,35 +676,29 @@ class ConfluentBusConsumer:
         return found
 
     def seek(self, partition: TopicPartition, offset: int) -> None:
+        """Move ``partition`` to ``offset`` for the next poll (lazily, as kafka-python does).
+
+        librdkafka's own seek fails until a partition's fetcher has started (so right after assign)
+        and otherwise blocks up to fetch.wait.max.ms; instead the next poll assigns every partition
+        again at its known position, which also applies many seeks at once.
+        """
         self._check_open()
         key = self._require_assigned(partition)
         self._positions[key] = offset
         if self._assigning is not None:
             self._assign_offsets[key] = offset  # applied by the assign that ends the rebalance callback
-            return
+        else:
+            self._seek_pending = True
+
+    def _apply_seeks(self) -> None:
+        self._seek_pending = False
+        initial, positions = self._initial_offset, self._positions
+        current = [(p.topic, p.partition) for p in self._consumer.assignment()]
+        offsets = [KafkaTopicPartition(t, p, positions.get((t, p), initial)) for t, p in current]
         try:
-            self._consumer.seek(_ktp(partition, offset))
-            return
+            self._consumer.assign(offsets)
         except KafkaException as exc:
-            err = _error_of(exc)
-            if err is None or err.code() not in _SEEK_NOT_READY:
-                raise BusError(f"seeking {partition} to {offset} failed: {_describe(exc)}") from exc
-        # The partition's fetcher has not started yet (librdkafka seeks only active partitions):
-        # assign again with every known position, this partition at the sought offset.
-        current = self._consumer.assignment()
-        try:
-            self._consumer.assign(
-                [
-                    KafkaTopicPartition(
-                        p.topic,
-                        p.partition,
-                        self._positions.get((p.topic, p.partition), self._initial_offset),
-                    )
-                    for p in current
-                ]
-            )
-        except KafkaException as exc:
-            raise BusError(f"seeking {partition} to {offset} failed: {_describe(exc)}") from exc
+            raise BusError(f"seeking failed: {_describe(exc)}") from exc
 
     def seek_to_beginning(self, partitions: Iterable[TopicPartition] | None = None) -> None:
         parts = self.assignment() if partitions is None else list(partitions)
@@ -731,23 +726,32 @@ class ConfluentBusConsumer:
         _check_partition_errors(found, "looking up offsets by time")
         return {_tp(k): (k.offset if k.offset >= 0 else None) for k in found}
 
-    def _watermarks(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, tuple[int, int]]:
+    def _list_offsets(
+        self, partitions: Iterable[TopicPartition], spec: int, what: str
+    ) -> dict[TopicPartition, int]:
+        """One ListOffsets request for all partitions: ``spec`` -2 is the log start, -1 the high watermark.
+
+        (Kafka's ListOffsets takes these as timestamps; unlike get_watermark_offsets, one partition at
+        a time and each waiting behind the connection's long-poll fetch, this is a single round trip.)
+        """
         self._check_open()
-        marks = {}
-        timeout = _timeout_s(self.settings)
-        for tp in partitions:
-            try:
-                low, high = self._consumer.get_watermark_offsets(_ktp(tp), timeout=timeout, cached=False)
-            except KafkaException as exc:
-                raise BusError(f"reading the offsets of {tp} failed: {_describe(exc)}") from exc
-            marks[tp] = (low, high)
-        return marks
+        parts = list(partitions)
+        if not parts:
+            return {}
+        try:
+            found = self._consumer.offsets_for_times(
+                [_ktp(tp, spec) for tp in parts], timeout=_timeout_s(self.settings)
+            )
+        except KafkaException as exc:
+            raise BusError(f"reading the {what} offsets failed: {_describe(exc)}") from exc
+        _check_partition_errors(found, f"reading the {what} offset")
+        return {_tp(k): k.offset for k in found}
 
     def beginning_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
-        return {tp: low for tp, (low, _) in self._watermarks(partitions).items()}
+        return self._list_offsets(partitions, OFFSET_BEGINNING, "beginning")
 
     def end_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
-        return {tp: high for tp, (_, high) in self._watermarks(partitions).items()}
+        return self._list_offsets(partitions, OFFSET_END, "end")
 
     def close(self) -> None:
         if self._closed:

@@ -1,9 +1,11 @@
 """`qrec state-builder`: the service loop around the pure per-partition logic.
 
-poll -> decode (bad input to the dead-letter topic) -> step -> produce UserState and transitions ->
-flush -> commit. Offsets are committed only after everything derived from those records has been
-acknowledged by the bus, so a crash replays records instead of losing them; replayed records are
-recognised by the offsets stored in each user's record and skipped.
+poll -> decode (bad input to the dead-letter topic) -> step -> produce transitions -> flush -> produce
+UserState -> flush -> commit. Offsets are committed only after everything derived from those records
+has been acknowledged by the bus, so a crash replays records instead of losing them; replayed
+records are recognised by the offsets stored in each user's record and skipped. Transitions are
+acknowledged before the states that reflect them, so a state never survives a crash without its
+transitions (they are re-emitted instead, with the same ids).
 
 Each UserState on the compacted user-state topic carries the user's full internal record (pending
 recommendations, dedupe ids, offsets) in the ``qrec-record`` header. A process that is assigned a
@@ -186,10 +188,17 @@ class StateBuilder:
         self.consumer = bus.consumer(config.group_id)
         self._restore_consumer = bus.consumer()
         self._last_lag_update = 0.0
+        self._to_restore: set[int] = set()
 
     # -- rebalancing ------------------------------------------------------------------------------
     def _on_assign(self, assigned: list[TopicPartition]) -> None:
-        numbers = sorted({tp.partition for tp in assigned} - set(self.partitions))
+        # Restoring reads a whole partition of the user-state topic: too long for a rebalance callback
+        # (it would hold up the group protocol), so it runs before the next batch is processed.
+        self._to_restore.update({tp.partition for tp in assigned} - set(self.partitions))
+
+    def _restore_assigned(self) -> None:
+        numbers = sorted(self._to_restore - set(self.partitions))
+        self._to_restore.clear()
         if not numbers:
             return
         started = time.monotonic()
@@ -204,6 +213,7 @@ class StateBuilder:
         # new owner restores exactly this state from the user-state topic.
         for number in {tp.partition for tp in revoked}:
             self.partitions.pop(number, None)
+            self._to_restore.discard(number)
         self._update_users()
         log.info("revoked partitions %s", sorted({tp.partition for tp in revoked}))
 
@@ -225,7 +235,8 @@ class StateBuilder:
                 blob = dict(record.headers).get(RECORD_HEADER)
                 if blob is not None:
                     state.restore(user_id, decode_record(blob))
-        self.swept_at[number] = state.watermark_ms
+        # Not swept yet: the previous owner may have stopped before sweeping up to this watermark.
+        self.swept_at[number] = 0
         return state
 
     def _update_users(self) -> None:
@@ -252,6 +263,7 @@ class StateBuilder:
 
     def process(self, records: list[Record]) -> Emitted:
         """Apply a batch of records; returns what must be published (already sent, not yet flushed)."""
+        self._restore_assigned()
         emitted_by_partition: dict[int, Emitted] = {}
         for record in records:
             partition = self.partitions.get(record.partition)
@@ -281,6 +293,13 @@ class StateBuilder:
             if behind >= SWEEP_EVERY_MS or (not records and behind > 0):
                 partition.sweep(emitted)
                 self.swept_at[number] = partition.watermark_ms
+        # Transitions first, and acknowledged, before any state that reflects them: a crash between the
+        # two re-applies those events (the states did not move) and re-emits the same transition ids,
+        # whereas the other order could persist a state whose transitions were lost.
+        for number, emitted in emitted_by_partition.items():
+            self._publish_transitions(number, emitted)
+        if any(emitted.transitions for emitted in emitted_by_partition.values()):
+            self.producer.flush()
         merged = Emitted()
         for number, emitted in emitted_by_partition.items():
             self._publish(number, emitted)
@@ -289,7 +308,19 @@ class StateBuilder:
             merged.tombstones.extend(emitted.tombstones)
         return merged
 
+    def _publish_transitions(self, number: int, emitted: Emitted) -> None:
+        for transition in emitted.transitions:
+            self.producer.send(
+                self.config.transitions_topic,
+                transition.user_id.encode(),
+                encode(transition),
+                headers=(SCHEMA_HEADERS["transition"],),
+                partition=number,
+            )
+            self.metrics.transitions.labels(transition.source).inc()
+
     def _publish(self, number: int, emitted: Emitted) -> None:
+        """States, internal records and tombstones (after the batch's transitions were acknowledged)."""
         send = self.producer.send
         config = self.config
         for state, record in emitted.states:
@@ -314,15 +345,6 @@ class StateBuilder:
                 ),
                 partition=number,
             )
-        for transition in emitted.transitions:
-            send(
-                config.transitions_topic,
-                transition.user_id.encode(),
-                encode(transition),
-                headers=(SCHEMA_HEADERS["transition"],),
-                partition=number,
-            )
-            self.metrics.transitions.labels(transition.source).inc()
         for user_id in emitted.tombstones:
             send(config.user_state_topic, user_id.encode(), None, partition=number)
             self.metrics.tombstones.inc()
