@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 import base64
+import os
+import signal
+import subprocess
+import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from schemas.codec import RECOMMENDATIONS, USER_STATES, encode
-from schemas.messages import ModelUpdateChunk, ModelUpdateHeader, Recommendation, UserState
+from schemas.codec import RECOMMENDATIONS, TRANSITIONS, USER_STATES, encode
+from schemas.messages import ModelUpdateChunk, ModelUpdateHeader, Recommendation, Transition, UserState
 from services.actor.config import ActorConfig
 from services.actor.service import Actor
 from services.actor.step import Popularity, allowed_mask, parse_split
-from services.bus.base import Bus, Record, TopicPartition
+from services.bus.base import Bus, Record, TopicPartition, TopicSpec
 from services.bus.embedded import EmbeddedBus
+from services.bus.kafka import KafkaBus, KafkaSettings
 from services.config import ConfigError
 from services.learner.config import LearnerServiceConfig
 from services.learner.service import Learner
+from services.learner.trainer import MODEL_ENCODING, Trainer
+from services.model_topic import publish_model
 from services.replay.config import ReplayConfig
 from services.replay.formats import read_log
 from services.replay.service import run_replay
@@ -27,6 +35,7 @@ from services.state_builder.config import StateBuilderConfig
 from services.state_builder.service import UPDATE_HEADER, StateBuilder
 from services.topics import MODEL, USER_STATE
 from services.topics import RECOMMENDATIONS as RECOMMENDATIONS_TOPIC
+from tests.helpers import wait_until
 
 TAOBAO = (
     Path(__file__).resolve().parents[2]
@@ -200,3 +209,193 @@ def test_closed_pipeline_on_the_embedded_bus_with_model_swaps(tmp_path: Path) ->
     assert registry.get_sample_value("qrec_actor_model_rejected_total") == 1
     assert actor.model.version == learner.version, "the previous model keeps serving"
     assert len(recommendations(bus)) > before
+
+
+def _process(module: str, bootstrap: str, args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QREC_")}
+    return subprocess.Popen(
+        [sys.executable, "-m", module, "--bootstrap-servers", bootstrap, *args],
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+@pytest.mark.kafka
+def test_separate_processes_serve_every_opportunity_through_a_kill_and_a_model_swap(
+    bootstrap_servers: str, unique_name: Callable[[str], str], tmp_path: Path
+) -> None:
+    if not TAOBAO.is_file():
+        pytest.skip(f"{TAOBAO} is absent (the shared data folder sits beside the repository)")
+    events = sorted((e for row in read_log(TAOBAO) for e in row.events), key=lambda e: e.timestamp)
+    first_log, second_log = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first_log.write_bytes(b"".join(encode(e) + b"\n" for e in events[:2000]))
+    second_log.write_bytes(b"".join(encode(e) + b"\n" for e in events[2000:3500]))
+    bus = KafkaBus(KafkaSettings(bootstrap_servers=bootstrap_servers))
+    names = {
+        "clickstream": unique_name("clicks"),
+        "recommendations": unique_name("recs"),
+        "user_state": unique_name("state"),
+        "transitions": unique_name("transitions"),
+        "dead_letter": unique_name("dead"),
+        "model": unique_name("model"),
+    }
+    bus.create_topics(
+        [TopicSpec(names[n], 4) for n in ("clickstream", "recommendations", "transitions")]
+        + [
+            TopicSpec(names["user_state"], 4, {"cleanup.policy": "compact"}),
+            TopicSpec(names["dead_letter"], 1),
+            TopicSpec(names["model"], 1, {"cleanup.policy": "compact", "max.message.bytes": "8388608"}),
+        ]
+    )
+    replay = {
+        "bootstrap_servers": bootstrap_servers,
+        "topic": names["clickstream"],
+        "dead_letter_topic": names["dead_letter"],
+        "progress": False,
+        "create_topics": False,
+    }
+    run_replay(ReplayConfig(log=str(first_log), **replay), bus)  # type: ignore[arg-type]
+    common = [
+        f"--dead-letter-topic={names['dead_letter']}",
+        "--no-create-topics",
+        "--session-timeout-ms=3000",
+    ]
+    builder_args = [
+        f"--clickstream-topic={names['clickstream']}",
+        f"--recommendations-topic={names['recommendations']}",
+        f"--user-state-topic={names['user_state']}",
+        f"--transitions-topic={names['transitions']}",
+        f"--group-id={unique_name('builders')}",
+        *common,
+    ]
+    actor_args = [
+        f"--user-state-topic={names['user_state']}",
+        f"--recommendations-topic={names['recommendations']}",
+        f"--model-topic={names['model']}",
+        f"--group-id={unique_name('actors')}",
+        *common,
+    ]
+    processes = [
+        _process("services.state_builder", bootstrap_servers, builder_args, tmp_path / "builder.log"),
+        _process("services.actor", bootstrap_servers, actor_args, tmp_path / "actor-a.log"),
+        _process("services.actor", bootstrap_servers, actor_args, tmp_path / "actor-b.log"),
+    ]
+    try:
+        wait_until(
+            lambda: len(recommendations_on(bus, names["recommendations"])) >= 300,
+            timeout_s=180,
+            what="the actors to serve 300 recommendations",
+        )
+        processes[1].send_signal(signal.SIGKILL)
+        processes[1].wait()
+
+        # A corrupt version first (rejected), then a real model trained from the transitions so far.
+        producer = bus.producer()
+        producer.send(
+            names["model"],
+            b"header",
+            encode(
+                ModelUpdateHeader(
+                    model_version=1,
+                    step=1,
+                    created_at=1,
+                    vocabulary_size=1,
+                    num_chunks=1,
+                    total_bytes=4,
+                    sha256="0" * 64,
+                    encoding="qrec-model-v1+flax-msgpack",
+                    config={},
+                )
+            ),
+        )
+        producer.send(
+            names["model"],
+            b"chunk-0",
+            encode(
+                ModelUpdateChunk(
+                    model_version=1,
+                    chunk_index=0,
+                    num_chunks=1,
+                    data_base64=base64.b64encode(b"junk").decode(),
+                )
+            ),
+        )
+        producer.flush()
+        settings = LearnerServiceConfig(
+            vocabulary_capacity=3000, embed_dim=16, hidden_sizes="32,32", batch_size=32, updates_per_call=4
+        )
+        trainer = Trainer(settings, 61)
+        transitions = [TRANSITIONS.decode(r.value) for r in read_all(bus, names["transitions"])]
+        trainer.add([t for t in transitions if isinstance(t, Transition)])
+        trainer.train(8)
+        publish_model(
+            producer,
+            names["model"],
+            version=2,
+            step=trainer.step,
+            data=trainer.bundle_bytes(),
+            encoding=MODEL_ENCODING,
+            vocabulary_size=len(trainer.vocabulary),
+            config={},
+        )
+        run_replay(ReplayConfig(log=str(second_log), **replay), bus)  # type: ignore[arg-type]
+
+        def all_served() -> bool:
+            wanted = opportunities_on(bus, names["user_state"])
+            served = {r.source_event_id for r in recommendations_on(bus, names["recommendations"])}
+            return len(wanted) > 1000 and wanted <= served
+
+        wait_until(
+            all_served, timeout_s=240, interval_s=1.0, what="every opportunity to get a recommendation"
+        )
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    recs = recommendations_on(bus, names["recommendations"])
+    logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in tmp_path.glob("*.log"))
+    assert {r.source_event_id for r in recs} == opportunities_on(bus, names["user_state"]), logs
+    by_id: dict[str, set[bytes]] = {}
+    for rec in recs:
+        by_id.setdefault(rec.rec_id, set()).add(rec.source_event_id.encode())
+    assert all(len(v) == 1 for v in by_id.values()), "a re-served opportunity keeps its rec_id"
+    versions = [r.model_version for r in recs if r.policy == "dqn"]
+    assert versions and set(versions) == {2}, (
+        "the verified model (version 2) is served, the corrupt one never"
+    )
+    assert "model update rejected" in logs or "rejected" in logs, logs
+    bus.close()
+
+
+def read_all(bus: Bus, topic: str) -> list[Record]:
+    consumer = bus.consumer()
+    partitions = [TopicPartition(topic, p) for p in range(bus.partitions_for(topic))]
+    consumer.assign(partitions)
+    ends = consumer.end_offsets(partitions)
+    records: list[Record] = []
+    while any(consumer.position(tp) < ends[tp] for tp in partitions):
+        records.extend(consumer.poll(max_records=5000, timeout_s=0.5))
+    consumer.close()
+    return records
+
+
+def recommendations_on(bus: Bus, topic: str) -> list[Recommendation]:
+    found = [RECOMMENDATIONS.decode(r.value) for r in read_all(bus, topic)]
+    return [r for r in found if isinstance(r, Recommendation)]
+
+
+def opportunities_on(bus: Bus, topic: str) -> set[str]:
+    found = set()
+    for record in read_all(bus, topic):
+        if record.value is None or dict(record.headers).get(UPDATE_HEADER):
+            continue
+        state = USER_STATES.decode(record.value)
+        if isinstance(state, UserState) and state.source_event_type == "view":
+            found.add(state.source_event_id)
+    return found

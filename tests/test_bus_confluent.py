@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from services.bus import BusError, TopicPartition, TopicSpec
+from services.bus import BusError, Record, TopicPartition, TopicSpec
 from services.bus.kafka import KafkaSettings
 from services.bus.partitioner import partition_for_key
 
@@ -151,7 +151,7 @@ def test_explicit_partition_is_honoured_and_a_missing_one_refused(
         producer.flush()
     consumer = bus.consumer()
     consumer.assign([TopicPartition(topic, p) for p in range(3)])
-    records = []
+    records: list[Record] = []
     deadline = time.monotonic() + 20
     while not records and time.monotonic() < deadline:
         records = consumer.poll(timeout_s=0.5)
@@ -201,7 +201,7 @@ def test_seeks_right_after_assign_and_positions(bus: Any, unique_name: Callable[
     for tp in parts:
         consumer.seek(tp, 4 + tp.partition)
     assert [consumer.position(tp) for tp in parts] == [4, 5, 6]
-    records = []
+    records: list[Record] = []
     deadline = time.monotonic() + 20
     while len(records) < 6 + 5 + 4 and time.monotonic() < deadline:
         records.extend(consumer.poll(timeout_s=0.5))
@@ -249,7 +249,7 @@ def test_on_assign_can_seek_and_close_does_not_report_a_revoke(
             consumer.seek(tp, 7)
 
     consumer.subscribe([topic], on_assign=on_assign, on_revoke=revoked.append)
-    records = []
+    records: list[Record] = []
     deadline = time.monotonic() + 30
     while len(records) < 6 and time.monotonic() < deadline:
         records.extend(consumer.poll(timeout_s=0.2))
@@ -259,7 +259,7 @@ def test_on_assign_can_seek_and_close_does_not_report_a_revoke(
     assert consumer.committed(TopicPartition(topic, 0)) == 10
     consumer.seek(TopicPartition(topic, 1), 4)  # outside the callback, on a group-managed partition
     assert consumer.position(TopicPartition(topic, 1)) == 4
-    again = []
+    again: list[Record] = []
     while len(again) < 6 and time.monotonic() < deadline:
         again.extend(consumer.poll(timeout_s=0.2))
     assert [(r.partition, r.offset) for r in again] == [(1, o) for o in range(4, 10)]

@@ -35,6 +35,16 @@ from services.state_builder.service import UPDATE_HEADER
 log = logging.getLogger(__name__)
 SCHEMA_HEADER = ("qrec-schema", b"recommendation/1-0-0")
 LAST_SLATES = 100_000  # users whose previous slate is remembered for --mask-shown
+# Batches are padded to one of a few sizes so that the compiled scorer is built a few times, not per size.
+BATCH_BUCKETS = (8, 64, 512)
+
+
+def bucket(size: int) -> int:
+    """The padded batch size for ``size`` users."""
+    for limit in BATCH_BUCKETS:
+        if size <= limit:
+            return limit
+    return -(-size // BATCH_BUCKETS[-1]) * BATCH_BUCKETS[-1]
 
 
 class ActorMetrics(ProcessMetrics):
@@ -180,7 +190,7 @@ class Actor:
 
     def _serve_dqn(self, states: list[UserState], model: LiveModel) -> list[list[RecommendedItem]]:
         size = len(states)
-        padded = 1 << (size - 1).bit_length()  # power-of-two batch sizes bound recompilation
+        padded = bucket(size)
         obs = model.encode([s.observation for s in states], padded)
         base = model.vocabulary.allowed_mask()  # (A,)
         index = model.index
@@ -230,14 +240,16 @@ class Actor:
             return [[] for _ in states]
         scores = log_scores if policy != "random" else np.zeros_like(log_scores)
         index = {item: i for i, item in enumerate(candidates)}
-        allowed = np.stack([allowed_mask(index, len(candidates), None, self._blocked(s)) for s in states])
+        padded = bucket(len(states))
+        allowed = np.ones((padded, len(candidates)), bool)  # (B, C)
+        for row, state in enumerate(states):
+            allowed[row] = allowed_mask(index, len(candidates), None, self._blocked(state))
+        keys = self._keys(states + states[:1] * (padded - len(states)))
         k = min(self.config.slate_size, len(candidates))
         exploration, value = self.config.exploration, self._exploration_value()
         if policy == "random":
             exploration, value = "epsilon", 1.0  # uniform over the allowed candidates
-        actions, propensities, explored = select_from_scores(
-            scores, allowed, self._keys(states), k, exploration, value
-        )
+        actions, propensities, explored = select_from_scores(scores, allowed, keys, k, exploration, value)
         slates = []
         for row in range(len(states)):
             slates.append(

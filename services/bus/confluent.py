@@ -500,8 +500,8 @@ class ConfluentBusConsumer:
     def _assigned(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
         """Eager rebalance: the full new assignment. Seeks made by on_assign start the partitions there."""
         keys = [(p.topic, p.partition) for p in partitions]
-        self._positions = {k: v for k, v in self._positions.items() if k in set(keys)}
         self._assigning, self._assign_offsets = set(keys), {}
+        self._positions = {k: v for k, v in self._positions.items() if k in self._assigning}
         try:
             if self._on_assign is not None and keys and not self._closing:
                 self._on_assign(sorted(TopicPartition(t, p) for t, p in keys))
@@ -783,20 +783,23 @@ def raw_consume_rate_confluent(
         }
     )
     consumer = _create(Consumer, configs, "consumer")
-    count = 0
-    started = time.perf_counter()
-    deadline = started + timeout_s
     try:
-        found = consumer.list_topics(topic, timeout=_timeout_s(settings)).topics.get(topic)
-        if found is None or found.error is not None:
-            raise BusError(f"unknown topic {topic!r}")
+        # Connecting and reading the topic's metadata happen before the clock starts, as kafka-python's
+        # consumer connects in its constructor; assignment, offset lookup and fetching are timed.
+        try:
+            found = consumer.list_topics(topic, timeout=_timeout_s(settings)).topics.get(topic)
+        except KafkaException as exc:
+            raise _unreachable(settings, exc) from exc
+        if found is None or found.error is not None or not found.partitions:
+            raise BusError(f"unknown topic {topic!r}: create it first (qrec topics create)")
+        count = 0
+        started = time.perf_counter()
+        deadline = started + timeout_s
         consumer.assign([KafkaTopicPartition(topic, p, OFFSET_BEGINNING) for p in found.partitions])
         while count < expected and time.perf_counter() < deadline:
             for message in consumer.consume(min(5000, expected - count), 0.5):
                 if message.error() is None:
                     count += 1
         return count, time.perf_counter() - started
-    except KafkaException as exc:
-        raise _unreachable(settings, exc) from exc
     finally:
         consumer.close()
