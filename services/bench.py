@@ -21,6 +21,7 @@ from rich.console import Console
 
 from schemas.codec import CLICK_EVENTS, encode
 from schemas.messages import EVENT_TYPES, ClickEvent
+from services.bus.base import TopicPartition
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TAOBAO = SHARED_DATA / "taobao_userbehavior_head" / "UserBehavior_head.csv"
@@ -245,12 +246,206 @@ def bench_state_builder(quick: bool, servers: str) -> dict[str, Any]:
     }
 
 
+def _actor_scoring_case(items: int, quick: bool) -> tuple[float, float]:
+    """(qrec scorer users/s, bare forward + top-k users/s) for a catalogue of ``items``."""
+    import jax
+    import numpy as np
+
+    from rl.batch import ObsBatch
+    from rl.networks import NetworkConfig, QNetwork, init_params
+    from services.actor.model import score_and_select
+
+    batch, window, dim, k = 256, 20, 61, 10
+    rng = np.random.default_rng(0)
+    network = QNetwork(NetworkConfig(num_actions=items + 2, embed_dim=64, hidden_sizes=(256, 256)))
+    obs = ObsBatch(
+        items=rng.integers(2, items + 2, (batch, window)).astype(np.int32),
+        event_types=rng.integers(1, 8, (batch, window)).astype(np.int32),
+        gaps=rng.random((batch, window)).astype(np.float32),
+        features=rng.random((batch, dim)).astype(np.float32),
+    )
+    params = jax.jit(init_params, static_argnums=0)(network, obs, jax.random.key(0))
+    allowed = np.ones((batch, items + 2), bool)
+    allowed[:, :2] = False
+    keys = jax.vmap(jax.random.key)(np.arange(batch, dtype=np.uint32))
+    epsilon = np.float32(0.1)
+
+    def qrec() -> int:
+        out = score_and_select(
+            params, obs, allowed, keys, epsilon, network=network, k=k, exploration="epsilon"
+        )
+        jax.block_until_ready(out)
+        return batch
+
+    @jax.jit
+    def bare_fn(p: Any, o: ObsBatch) -> Any:
+        return jax.lax.top_k(network.apply(p, o), k)  # type: ignore[arg-type]
+
+    def bare() -> int:
+        jax.block_until_ready(bare_fn(params, obs))
+        return batch
+
+    qrec()
+    bare()
+    repeats = 3 if quick else 10
+    return _rate(batch, qrec, repeats), _rate(batch, bare, repeats)
+
+
+def bench_actor_scoring(quick: bool) -> dict[str, Any]:
+    """Users scored per second by the actor's compiled scorer (Q for every item, then an epsilon-greedy
+    slate with propensities), next to a bare jitted forward pass + top-k over the same arrays."""
+    results: dict[str, Any] = {"batch_users": 256}
+    for label, items in (("1k", 1_000), ("100k", 100_000)):
+        qrec, bare = _actor_scoring_case(items, quick)
+        results[f"scoring_users_per_s_{label}"] = round(qrec)
+        results[f"bare_users_per_s_{label}"] = round(bare)
+        results[f"ratio_to_bare_{label}"] = round(qrec / bare, 3)
+    return results
+
+
+def bench_actor_latency(quick: bool, servers: str) -> dict[str, Any]:
+    """End-to-end latency on the real broker at a fixed offered load: a view produced to the clickstream
+    until its recommendation is consumed, through a state-builder and an actor in their own processes."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    import numpy as np
+
+    from schemas.codec import RECOMMENDATIONS
+    from schemas.messages import Recommendation
+    from services.bus.base import TopicSpec
+    from services.bus.kafka import KafkaBus, KafkaSettings
+
+    suffix = uuid.uuid4().hex[:8]
+    names = {
+        n: f"bench.lat.{n}.{suffix}" for n in ("clicks", "recs", "state", "transitions", "dead", "model")
+    }
+    bus = KafkaBus(KafkaSettings(bootstrap_servers=servers))
+    bus.create_topics(
+        [TopicSpec(names[n], 6) for n in ("clicks", "recs", "transitions")]
+        + [
+            TopicSpec(names["state"], 6, {"cleanup.policy": "compact"}),
+            TopicSpec(names["dead"], 1),
+            TopicSpec(names["model"], 1, {"cleanup.policy": "compact"}),
+        ]
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QREC_")}
+    common = ["--bootstrap-servers", servers, f"--dead-letter-topic={names['dead']}", "--no-create-topics"]
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "services.state_builder",
+                *common,
+                f"--clickstream-topic={names['clicks']}",
+                f"--recommendations-topic={names['recs']}",
+                f"--user-state-topic={names['state']}",
+                f"--transitions-topic={names['transitions']}",
+                f"--group-id=bench-lat-sb-{suffix}",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ),
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "services.actor",
+                *common,
+                f"--user-state-topic={names['state']}",
+                f"--recommendations-topic={names['recs']}",
+                f"--model-topic={names['model']}",
+                f"--group-id=bench-lat-actor-{suffix}",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ),
+    ]
+    rate = 1000.0
+    seconds = 5.0 if quick else 20.0
+    warmup = 3.0
+    sent_at: dict[str, float] = {}
+    latencies: list[float] = []
+    consumer = bus.consumer()
+    consumer.assign([TopicPartition(names["recs"], p) for p in range(6)])
+    done = threading.Event()
+
+    def consume() -> None:
+        while not done.is_set():
+            for record in consumer.poll(max_records=5000, timeout_s=0.1):
+                now = time.perf_counter()
+                rec = RECOMMENDATIONS.decode(record.value)
+                if isinstance(rec, Recommendation) and rec.source_event_id in sent_at:
+                    latencies.append(now - sent_at[rec.source_event_id])
+
+    try:
+        producer = bus.producer()
+        # Warm up: the services join their groups and compile their scorers before the measurement.
+        for i in range(50):
+            event = synthetic_events(1, seed=i)[0]
+            producer.send(names["clicks"], event.user_id.encode(), encode(event))
+        producer.flush()
+        time.sleep(warmup + 10)
+        reader = threading.Thread(target=consume, daemon=True)
+        reader.start()
+        events = synthetic_events(int(rate * seconds), seed=99)
+        started = time.perf_counter()
+        for i, event in enumerate(events):
+            due = started + i / rate
+            while time.perf_counter() < due:
+                time.sleep(min(0.001, max(0.0, due - time.perf_counter())))
+            view = ClickEvent(
+                event_id=f"lat-{suffix}-{i}",
+                user_id=event.user_id,
+                session_id=event.session_id,
+                event_type="view",
+                timestamp=int(time.time() * 1000),
+                item_id=event.item_id,
+            )
+            sent_at[view.event_id] = time.perf_counter()
+            producer.send(names["clicks"], view.user_id.encode(), encode(view))
+            if i % 20 == 0:
+                producer.flush()
+        producer.flush()
+        offered = len(events) / (time.perf_counter() - started)
+        deadline = time.perf_counter() + 30
+        while len(latencies) < len(events) and time.perf_counter() < deadline:
+            time.sleep(0.2)
+        done.set()
+        reader.join(timeout=5)
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        consumer.close()
+        bus.close()
+    values = np.asarray(latencies) * 1000.0
+    return {
+        "p50_ms": round(float(np.percentile(values, 50)), 1) if values.size else None,
+        "p95_ms": round(float(np.percentile(values, 95)), 1) if values.size else None,
+        "p99_ms": round(float(np.percentile(values, 99)), 1) if values.size else None,
+        "offered_events_per_s": round(offered),
+        "recommendations_received": int(values.size),
+        "events_sent": len(events),
+    }
+
+
 BENCHMARKS: dict[str, str] = {
     "codec": "typed ClickEvent decode rate per core (decode_events_per_s)",
     "replay": "replay of a real log into the real broker (produce_events_per_s)",
     "kafka_consume": "raw kafka-python consume rate on the same broker (events_per_s)",
     "state_builder": "state-builder throughput on the real broker next to the raw consume rate (ratio)",
     "learner": "DQN transitions/s: seed per-sample loop vs one jitted update vs qrec's fused updates",
+    "actor": "end-to-end latency at a fixed load on the real broker, and scoring users/s vs a bare top-k",
 }
 
 
@@ -273,7 +468,10 @@ def run_benchmarks(
 
         console.print("bench learner ...")
         results["learner"] = bench_learner(quick)
-    if {"replay", "kafka_consume", "state_builder"} & set(names):
+    if "actor" in names:
+        console.print("bench actor scoring ...")
+        results["actor"] = bench_actor_scoring(quick)
+    if {"replay", "kafka_consume", "state_builder", "actor"} & set(names):
         with _broker(bootstrap_servers, console) as servers:
             if "replay" in names or "kafka_consume" in names:
                 console.print("bench replay + kafka_consume ...")
@@ -282,6 +480,9 @@ def run_benchmarks(
             if "state_builder" in names:
                 console.print("bench state_builder ...")
                 results["state_builder"] = bench_state_builder(quick, servers)
+            if "actor" in names:
+                console.print("bench actor latency ...")
+                results["actor"].update(bench_actor_latency(quick, servers))
     results["_meta"] = {
         "quick": quick,
         "python": platform.python_version(),

@@ -43,16 +43,13 @@ def score_and_select(
     return actions, propensities, explored, scores
 
 
-def select_from_scores(
-    scores: np.ndarray, allowed: np.ndarray, keys: jax.Array, k: int, exploration: str, value: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Slates over a fixed candidate list (popularity, random): (actions, propensities, explored)."""
+@functools.partial(jax.jit, static_argnames=("k", "exploration"))
+def select_slates(
+    scores: jax.Array, allowed: jax.Array, keys: jax.Array, value: jax.Array, *, k: int, exploration: str
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Slates over candidate scores (B, C) (popularity, random): (actions, propensities, explored)."""
     select = epsilon_greedy_slate if exploration == "epsilon" else softmax_slate
-    batched = jax.vmap(lambda s, m, key: select(s, m, k, value, key))
-    size = allowed.shape[0]
-    tiled = np.broadcast_to(scores, (size, scores.shape[0]))  # (B, C)
-    actions, propensities, explored = batched(jnp.asarray(tiled), jnp.asarray(allowed), keys)
-    return np.asarray(actions), np.asarray(propensities), np.asarray(explored)
+    return jax.vmap(lambda s, m, key: select(s, m, k, value, key))(scores, allowed, keys)
 
 
 @dataclass

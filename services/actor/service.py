@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from schemas.codec import USER_STATES, DecodeError, encode
 from schemas.messages import Recommendation, RecommendedItem, UserState
 from services.actor.config import ActorConfig
-from services.actor.model import LiveModel, score_and_select, select_from_scores
+from services.actor.model import LiveModel, score_and_select, select_slates
 from services.actor.step import COLD_START, Popularity, allowed_mask, event_key, parse_split
 from services.bus.base import Bus, BusError, Record, TopicPartition
 from services.dead_letter import DeadLetterSink, dead_letter
@@ -152,6 +152,7 @@ class Actor:
                 log.warning("model version %d rejected: %s", assembled.header.model_version, exc)
                 self.metrics.swap_failures.inc()
                 continue
+            self._warm_model(model)  # compile before the swap, so serving never waits on it
             self.model = model
             self.metrics.swaps.inc()
             self.metrics.model_version.set(model.version)
@@ -238,18 +239,33 @@ class Actor:
         candidates, log_scores = self.popularity.top(self.config.popularity_candidates)
         if not candidates:
             return [[] for _ in states]
-        scores = log_scores if policy != "random" else np.zeros_like(log_scores)
+        # Fixed shapes (C candidates, bucketed B) so the compiled selector is reused batch after batch.
+        size = max(self.config.popularity_candidates, self.config.slate_size)
+        scores = np.zeros((size,), np.float32)  # (C,)
+        if policy != "random":
+            scores[: len(candidates)] = log_scores
         index = {item: i for i, item in enumerate(candidates)}
         padded = bucket(len(states))
-        allowed = np.ones((padded, len(candidates)), bool)  # (B, C)
+        base = np.zeros((size,), bool)
+        base[: len(candidates)] = True
+        allowed = np.tile(base, (padded, 1))  # (B, C)
         for row, state in enumerate(states):
-            allowed[row] = allowed_mask(index, len(candidates), None, self._blocked(state))
+            allowed[row] = allowed_mask(index, size, base, self._blocked(state))
         keys = self._keys(states + states[:1] * (padded - len(states)))
-        k = min(self.config.slate_size, len(candidates))
         exploration, value = self.config.exploration, self._exploration_value()
         if policy == "random":
             exploration, value = "epsilon", 1.0  # uniform over the allowed candidates
-        actions, propensities, explored = select_from_scores(scores, allowed, keys, k, exploration, value)
+        actions, propensities, explored = (
+            np.asarray(a)
+            for a in select_slates(
+                np.tile(scores, (padded, 1)),
+                allowed,
+                keys,
+                np.float32(value),
+                k=self.config.slate_size,
+                exploration=exploration,
+            )
+        )
         slates = []
         for row in range(len(states)):
             slates.append(
@@ -260,11 +276,49 @@ class Actor:
                         propensity=float(propensities[row, pos]),
                         explored=bool(explored[row, pos]) if policy != "random" else True,
                     )
-                    for pos in range(k)
+                    for pos in range(self.config.slate_size)
                     if actions[row, pos] >= 0
                 ]
             )
         return slates
+
+    def _warm_model(self, model: LiveModel) -> None:
+        actions = model.vocabulary.num_actions
+        for padded in BATCH_BUCKETS:
+            keys = jax.vmap(jax.random.key)(np.arange(padded, dtype=np.uint32))
+            jax.block_until_ready(
+                score_and_select(
+                    model.params,
+                    model.encode([], padded),
+                    np.ones((padded, actions), bool),
+                    keys,
+                    np.float32(self._exploration_value()),
+                    network=model.network,
+                    k=self.config.slate_size,
+                    exploration=self.config.exploration,
+                )
+            )
+
+    def warm_up(self) -> None:
+        """Compile the candidate selectors for every batch bucket now, not on the first busy batches."""
+        size = max(self.config.popularity_candidates, self.config.slate_size)
+        for padded in BATCH_BUCKETS:
+            keys = jax.vmap(jax.random.key)(np.arange(padded, dtype=np.uint32))
+            allowed = np.ones((padded, size), bool)
+            for exploration, value in {
+                (self.config.exploration, self._exploration_value()),
+                ("epsilon", 1.0),
+            }:
+                jax.block_until_ready(
+                    select_slates(
+                        np.zeros((padded, size), np.float32),
+                        allowed,
+                        keys,
+                        np.float32(value),
+                        k=self.config.slate_size,
+                        exploration=exploration,
+                    )
+                )
 
     def serve(self, records: list[Record]) -> list[Recommendation]:
         """Recommendations for the opportunities in a batch of UserState records (sent, not yet flushed)."""
@@ -361,6 +415,7 @@ class Actor:
 
     def run(self, stop: threading.Event | None = None) -> int:
         stop = stop or threading.Event()
+        self.warm_up()
         self.consumer.subscribe([self.config.user_state_topic])
         self.metrics.up.labels("actor").set(1)
         try:

@@ -24,15 +24,15 @@ from services.bus.partitioner import partition_for_key
 try:
     from confluent_kafka import (
         OFFSET_BEGINNING,
-        OFFSET_END,
         OFFSET_INVALID,
         Consumer,
+        IsolationLevel,
         KafkaError,
         KafkaException,
         Producer,
     )
     from confluent_kafka import TopicPartition as KafkaTopicPartition
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 except ImportError as exc:  # pragma: no cover - exercised only without the optional client
     raise ImportError(
         "services.bus.confluent needs the optional confluent-kafka client (librdkafka): "
@@ -81,6 +81,7 @@ _TRANSIENT_CONSUMER_ERRORS = _codes(
 _PARTITION_EOF = KafkaError._PARTITION_EOF
 _REBALANCED = _codes("ILLEGAL_GENERATION UNKNOWN_MEMBER_ID REBALANCE_IN_PROGRESS FENCED_INSTANCE_ID")
 _UNREACHABLE = _codes("_TRANSPORT _ALL_BROKERS_DOWN _TIMED_OUT _RESOLVE")
+_MISSING = _codes("_NOENT UNKNOWN_TOPIC_OR_PART _UNKNOWN_PARTITION")
 
 _Key = tuple[str, int]
 
@@ -170,6 +171,15 @@ def _check_partition_errors(found: Iterable[KafkaTopicPartition], what: str) -> 
             raise BusError(f"{what} failed for {ktp.topic}[{ktp.partition}]: {ktp.error.str()}")
 
 
+def _new_admin(settings: KafkaSettings) -> AdminClient:
+    configs = librdkafka_configs(settings)
+    # The admin client is a producer-type handle: never let a metadata lookup create a topic.
+    configs.setdefault("allow.auto.create.topics", False)
+    configs["error_cb"] = _log_client_error
+    admin: AdminClient = _create(AdminClient, configs, "Kafka admin client")
+    return admin
+
+
 class ConfluentBus:
     """A bus on a real Kafka cluster through confluent-kafka (librdkafka)."""
 
@@ -179,18 +189,14 @@ class ConfluentBus:
 
     def _admin_client(self) -> AdminClient:
         if self._admin is None:
-            configs = librdkafka_configs(self.settings)
-            # The admin client is a producer-type handle: never let a metadata lookup create a topic.
-            configs.setdefault("allow.auto.create.topics", False)
-            configs["error_cb"] = _log_client_error
-            self._admin = _create(AdminClient, configs, "Kafka admin client")
+            self._admin = _new_admin(self.settings)
         return self._admin
 
     def producer(self) -> ConfluentBusProducer:
         return ConfluentBusProducer(self.settings)
 
     def consumer(self, group_id: str | None = None) -> ConfluentBusConsumer:
-        return ConfluentBusConsumer(self.settings, group_id)
+        return ConfluentBusConsumer(self.settings, group_id, admin=self._admin_client())
 
     def _metadata(self, topic: str | None = None) -> Any:
         admin = self._admin_client()
@@ -423,11 +429,17 @@ class ConfluentBusConsumer:
 
     Positions are kept here (librdkafka's ``position`` forgets seeks until a record arrives), so
     ``position`` answers like kafka-python's: the next offset to read.
+
+    Offset and metadata lookups go through an admin client (the bus's, else one of its own): on the
+    consumer's own connection each would wait behind the long-poll fetch, up to fetch.wait.max.ms.
     """
 
-    def __init__(self, settings: KafkaSettings, group_id: str | None) -> None:
+    def __init__(
+        self, settings: KafkaSettings, group_id: str | None, admin: AdminClient | None = None
+    ) -> None:
         self.settings = settings
         self.group_id = group_id
+        self._admin = admin
         configs = librdkafka_configs(settings)
         configs.update(
             {
@@ -534,9 +546,16 @@ class ConfluentBusConsumer:
         except KafkaException as exc:
             raise BusError(f"assigning {list(partitions)} failed: {_describe(exc)}") from exc
 
+    def _admin_client(self) -> AdminClient:
+        if self._admin is None:
+            self._admin = _new_admin(self.settings)
+        return self._admin
+
     def _partition_count(self, topic: str) -> int:
         try:
-            found = self._consumer.list_topics(topic, timeout=_timeout_s(self.settings)).topics.get(topic)
+            found = (
+                self._admin_client().list_topics(topic, timeout=_timeout_s(self.settings)).topics.get(topic)
+            )
         except KafkaException as exc:
             raise _unreachable(self.settings, exc) from exc
         if found is None or found.error is not None or not found.partitions:
@@ -713,45 +732,40 @@ class ConfluentBusConsumer:
     def offsets_for_times(
         self, partitions: Iterable[TopicPartition], timestamp_ms: int
     ) -> dict[TopicPartition, int | None]:
-        self._check_open()
-        parts = list(partitions)
-        if not parts:
-            return {}
-        try:
-            found = self._consumer.offsets_for_times(
-                [_ktp(tp, timestamp_ms) for tp in parts], timeout=_timeout_s(self.settings)
-            )
-        except KafkaException as exc:
-            raise BusError(f"looking up offsets by time failed: {_describe(exc)}") from exc
-        _check_partition_errors(found, "looking up offsets by time")
-        return {_tp(k): (k.offset if k.offset >= 0 else None) for k in found}
+        found = self._list_offsets(partitions, OffsetSpec.for_timestamp(timestamp_ms), "by time")
+        return {tp: (offset if offset >= 0 else None) for tp, offset in found.items()}
 
     def _list_offsets(
-        self, partitions: Iterable[TopicPartition], spec: int, what: str
+        self, partitions: Iterable[TopicPartition], spec: Any, what: str
     ) -> dict[TopicPartition, int]:
-        """One ListOffsets request for all partitions: ``spec`` -2 is the log start, -1 the high watermark.
-
-        (Kafka's ListOffsets takes these as timestamps; unlike get_watermark_offsets, one partition at
-        a time and each waiting behind the connection's long-poll fetch, this is a single round trip.)
-        """
+        """One ListOffsets request per leader for all ``partitions`` (high watermarks, not stable offsets)."""
         self._check_open()
         parts = list(partitions)
         if not parts:
             return {}
+        timeout = _timeout_s(self.settings)
         try:
-            found = self._consumer.offsets_for_times(
-                [_ktp(tp, spec) for tp in parts], timeout=_timeout_s(self.settings)
+            futures = self._admin_client().list_offsets(
+                {_ktp(tp): spec for tp in parts},
+                isolation_level=IsolationLevel.READ_UNCOMMITTED,
+                request_timeout=timeout,
             )
+            by_key = {(k.topic, k.partition): f for k, f in futures.items()}
+            return {tp: by_key[(tp.topic, tp.partition)].result(timeout=timeout).offset for tp in parts}
         except KafkaException as exc:
-            raise BusError(f"reading the {what} offsets failed: {_describe(exc)}") from exc
-        _check_partition_errors(found, f"reading the {what} offset")
-        return {_tp(k): k.offset for k in found}
+            err = _error_of(exc)
+            hint = ""
+            if err is not None and err.code() in _MISSING:
+                hint = f" (do all of {sorted({tp.topic for tp in parts})} exist, with these partitions?)"
+            raise BusError(f"looking up offsets {what} failed: {_describe(exc)}{hint}") from exc
+        except TimeoutError as exc:
+            raise _unreachable(self.settings, exc) from exc
 
     def beginning_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
-        return self._list_offsets(partitions, OFFSET_BEGINNING, "beginning")
+        return self._list_offsets(partitions, OffsetSpec.earliest(), "at the beginning")
 
     def end_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
-        return self._list_offsets(partitions, OFFSET_END, "end")
+        return self._list_offsets(partitions, OffsetSpec.latest(), "at the end")
 
     def close(self) -> None:
         if self._closed:

@@ -78,7 +78,7 @@ class SimulatorConfig:
         0.8, help="examination of position p is slate_examine_probability / (1 + p) ** this"
     )
     no_click_utility: float = setting(
-        2.5, help="utility of ignoring the slate (the outside option of the multinomial-logit choice)"
+        5.0, help="utility of ignoring the slate (the outside option of the multinomial-logit choice)"
     )
     cart_probability_scale: float = setting(
         0.5, help="add_to_cart chance after a click or view is this times sigmoid(utility - no_click_utility)"
