@@ -302,9 +302,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from services.demo import run_demo
+    from services.demo import DemoConfig, run_demo
 
-    return run_demo(quick=args.quick, console=console)
+    config = config_from_args(DemoConfig, args)
+    run_demo(config, console)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     from services.actor.config import ActorConfig
+    from services.demo import DemoConfig
     from services.learner.config import LearnerServiceConfig, TrainConfig
     from services.replay.config import RecordConfig, ReplayConfig
     from services.state_builder.config import StateBuilderConfig
@@ -377,8 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="benchmark against this Kafka; by default a local broker is started from deploy/kafka",
     )
-    demo = sub("demo", "run the demo on the embedded bus", cmd_demo)
-    demo.add_argument("--quick", action="store_true", help="a shorter run")
+    add_arguments(
+        sub(
+            "demo",
+            "the closed loop: simulated shoppers, state-builder, learner and actor, with a report",
+            cmd_demo,
+        ),
+        DemoConfig,
+    )
     return parser
 
 

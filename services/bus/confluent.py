@@ -150,7 +150,14 @@ def _unreachable(settings: KafkaSettings, exc: BaseException) -> BusError:
 def _check_reachable(client: Any, settings: KafkaSettings) -> None:
     """Wait for the cluster's first metadata, as kafka-python's clients do when they are built."""
     try:
-        client.cluster_id(timeout=min(_timeout_s(settings), CONNECT_TIMEOUT_S))
+        # Usually answered in a few ms from the metadata fetched on connecting; but a consumer
+        # sometimes does not notice that metadata for a second, so then ask for it outright.
+        client.cluster_id(timeout=0.1)
+        return
+    except KafkaException:
+        pass
+    try:
+        client.list_topics(timeout=min(_timeout_s(settings), CONNECT_TIMEOUT_S))
     except KafkaException as exc:
         raise _unreachable(settings, exc) from exc
 
@@ -460,6 +467,7 @@ class ConfluentBusConsumer:
             configs[key] = value
         self._consumer: Consumer = _create(Consumer, configs, "consumer")
         self._positions: dict[_Key, int] = {}
+        self._known_topics: set[str] = set()
         self._subscribed = False
         self._on_assign: RebalanceCallback | None = None
         self._on_revoke: RebalanceCallback | None = None
@@ -536,10 +544,12 @@ class ConfluentBusConsumer:
 
     def assign(self, partitions: Sequence[TopicPartition]) -> None:
         self._check_open()
-        # Look the topics up first: it checks they exist, and librdkafka, knowing the leaders, starts
-        # fetching at once (without it the first offset query waits for a 500 ms retry timer).
-        for topic in sorted({tp.topic for tp in partitions}):
-            self._partition_count(topic)
+        # The first time a topic is assigned, look it up through the consumer: it checks the topic
+        # exists, and librdkafka, knowing the leaders, starts fetching at once (without it the first
+        # offset query waits for a 500 ms retry timer). Later assigns find it in librdkafka's cache.
+        for topic in sorted({tp.topic for tp in partitions} - self._known_topics):
+            self._partition_count(topic, self._consumer)
+            self._known_topics.add(topic)
         self._positions, self._seek_pending = {}, False
         try:
             self._consumer.assign([_ktp(tp, self._initial_offset) for tp in partitions])
@@ -551,11 +561,9 @@ class ConfluentBusConsumer:
             self._admin = _new_admin(self.settings)
         return self._admin
 
-    def _partition_count(self, topic: str) -> int:
+    def _partition_count(self, topic: str, client: Any) -> int:
         try:
-            found = (
-                self._admin_client().list_topics(topic, timeout=_timeout_s(self.settings)).topics.get(topic)
-            )
+            found = client.list_topics(topic, timeout=_timeout_s(self.settings)).topics.get(topic)
         except KafkaException as exc:
             raise _unreachable(self.settings, exc) from exc
         if found is None or found.error is not None or not found.partitions:

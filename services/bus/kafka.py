@@ -259,6 +259,8 @@ class KafkaBusConsumer:
             heartbeat_interval_ms=settings.heartbeat_interval_ms,
             max_poll_interval_ms=settings.max_poll_interval_ms,
             fetch_max_wait_ms=100,
+            # Notice new topics and partitions within seconds, not the client default of five minutes.
+            metadata_max_age_ms=5000,
         )
         self.group_id = group_id
         try:

@@ -9,7 +9,14 @@ from services.simulator.core import OPPORTUNITY_TYPES, REWARD_WEIGHTS, Catalogue
 
 ENV_ID = "qrec/Shopper-v0"
 
-__all__ = ["ENV_ID", "OPPORTUNITY_TYPES", "REWARD_WEIGHTS", "Catalogue", "ShopperSimulator", "SimulatorConfig"]
+__all__ = [
+    "ENV_ID",
+    "OPPORTUNITY_TYPES",
+    "REWARD_WEIGHTS",
+    "Catalogue",
+    "ShopperSimulator",
+    "SimulatorConfig",
+]
 
 
 def _register_env() -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from typing import Any
 
 from services.config import ConfigError, setting
 
@@ -59,7 +61,9 @@ class SimulatorConfig:
     category_weight: float = setting(1.0, help="weight of log category preference in the utility")
     brand_weight: float = setting(0.5, help="weight of log brand preference in the utility")
     taste_weight: float = setting(1.0, help="weight of taste . item features in the utility")
-    price_sensitivity_min: float = setting(0.2, help="lowest shopper price sensitivity (utility per log price)")
+    price_sensitivity_min: float = setting(
+        0.2, help="lowest shopper price sensitivity (utility per log price)"
+    )
     price_sensitivity_max: float = setting(1.5, help="highest shopper price sensitivity (uniform in between)")
     session_intent_bonus: float = setting(
         1.0, help="utility added to items of the category a session is about (drawn at session start)"
@@ -70,10 +74,14 @@ class SimulatorConfig:
     preference_reversion_per_day: float = setting(
         0.05, help="rate at which drifting category logits pull back to the shopper's own base (per day)"
     )
-    drift_step_seconds: float = setting(3600.0, help="preferences change in steps of this much simulated time")
+    drift_step_seconds: float = setting(
+        3600.0, help="preferences change in steps of this much simulated time"
+    )
 
     # Reactions to a slate.
-    slate_examine_probability: float = setting(1.0, help="chance a shopper examines the slate's first position")
+    slate_examine_probability: float = setting(
+        1.0, help="chance a shopper examines the slate's first position"
+    )
     position_bias_exponent: float = setting(
         0.8, help="examination of position p is slate_examine_probability / (1 + p) ** this"
     )
@@ -157,7 +165,7 @@ class SimulatorConfig:
             raise ConfigError(f"mean_session_events must be at least 1, got {self.mean_session_events}")
 
     @classmethod
-    def from_mapping(cls, values: dict[str, object]) -> SimulatorConfig:
+    def from_mapping(cls, values: Mapping[str, Any]) -> SimulatorConfig:
         """Build from a dict (e.g. a TOML table), rejecting unknown keys by name."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
@@ -165,4 +173,4 @@ class SimulatorConfig:
             raise ConfigError(
                 f"unknown simulator setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
-        return cls(**values)  # type: ignore[arg-type]
+        return cls(**values)

@@ -76,6 +76,7 @@ _MS_PER_DAY = 86_400_000.0
 # Category preferences below this are floored so a log preference stays finite (about -7 in logits).
 _MIN_PREFERENCE = 1e-3
 _UNIFORM_BATCH = 4096
+_DRIFT_STREAM = 2  # spawn key of the drift shocks, apart from the world and behaviour streams
 _COUNTERS = ("recommendations", "shown", "clicks", "favorites", "carts", "purchases", "reward")
 
 
@@ -158,12 +159,11 @@ class ShopperSimulator:
         else from ``config.seed`` too.
         """
         self.config = config = config if config is not None else SimulatorConfig()
-        world_seed, drift_seed, behaviour_seed = np.random.SeedSequence(config.seed).spawn(3)
+        world_seed, behaviour_seed = np.random.SeedSequence(config.seed).spawn(2)
         world = np.random.default_rng(world_seed)
         self._rng = rng if rng is not None else np.random.default_rng(behaviour_seed)
         # Uniform draws are taken from a buffer: one numpy call per draw would dominate the run time.
         self._uniforms: list[float] = []
-        self._drift_rng = np.random.default_rng(drift_seed)
 
         self.catalogue = catalogue = make_catalogue(config, world)
         u, c, b = config.num_users, config.num_categories, config.num_brands
@@ -187,7 +187,8 @@ class ShopperSimulator:
         self._examine_list: list[float] = self._examine.tolist()
 
         self._drift_step_ms = max(1, round(config.drift_step_seconds * 1000))
-        self._drift_index = 0
+        self._drift_index = 0  # the drift step behaviour has reached; self._logits are at it
+        self._lookahead: tuple[int, np.ndarray] | None = None  # a later step computed for a query
         self.now_ms = config.start_time_ms
         """Simulated time the organic activity has been produced up to."""
         self._next_arrival_ms = self._arrival_after(config.start_time_ms)
@@ -220,66 +221,68 @@ class ShopperSimulator:
     # ------------------------------------------------------------------------- preference model
 
     def true_utilities(self, user_id: str, now_ms: int) -> np.ndarray:
-        """The shopper's expected utility of every item at ``now_ms`` (with the session's intent)."""
+        """The shopper's expected utility of every item at ``now_ms``; (num_items,).
+
+        Includes the intent bonus of the session in progress. Asking never changes what the
+        shoppers do later; a time before the simulator's latest one sees the latest preferences.
+        """
         user = self._user(user_id)
-        self._sync_drift(now_ms)
+        step = self._drift_step_of(now_ms)
         session = self._sessions.get(user)
+        if step <= self._drift_index:
+            if session is not None:
+                return self._session_utilities(session).copy()
+            return self._base_utilities(user, self._logits[user])
+        utilities = self._base_utilities(user, self._logits_ahead(step)[user])
         if session is not None:
-            return self._session_utilities(session).copy()
-        return self._base_utilities(user)
+            utilities[self._items_by_category[session.intent]] += self.config.session_intent_bonus
+        return utilities
 
-    def oracle_slate(
-        self, user_id: str, k: int, now_ms: int, exclude: Iterable[str] = ()
-    ) -> list[str]:
-        """The myopic oracle: k items greedily maximising the slate's expected immediate reward.
+    def expected_click_rewards(self, user_id: str, now_ms: int) -> np.ndarray:
+        """Expected reward of showing each item alone at the top of a slate; (num_items,).
 
-        Uses the true utilities, click-to-cart/purchase/favorite chances and position examination;
-        the slate value is the mean-field one, sum_p e_p w_p r_p / (1 + sum_p e_p w_p), with
-        w = exp(utility - no_click_utility) and r the expected reward of a click.
+        P(click) * E[reward | click] with P(click) = sigmoid(utility - no_click_utility) times the
+        top position's examination chance, and the reward of the click, favorite, cart and purchase
+        that may follow it (REWARD_WEIGHTS).
+        """
+        cfg = self.config
+        utilities = self.true_utilities(user_id, now_ms)  # (num_items,)
+        margin = utilities - cfg.no_click_utility
+        liking = 1.0 / (1.0 + np.exp(-margin))  # (num_items,)
+        buy_margin = margin - self._sensitivity[self._user(user_id)] * self.catalogue.log_price_relative
+        p_buy = cfg.purchase_probability_scale / (1.0 + np.exp(-buy_margin))  # (num_items,)
+        w = REWARD_WEIGHTS
+        reward_of_click = (
+            w["click"]
+            + w["favorite"] * cfg.favorite_probability * liking
+            + cfg.cart_probability_scale * liking * (w["add_to_cart"] + w["purchase"] * p_buy)
+        )
+        return cfg.slate_examine_probability * liking * reward_of_click
+
+    def oracle_slate(self, user_id: str, k: int, now_ms: int, exclude: Iterable[str] = ()) -> list[str]:
+        """The myopic oracle: the k items of highest expected immediate reward, best first.
+
+        Ranks by ``expected_click_rewards`` (true utilities, no position or slate interactions), so
+        the best item gets the most examined position; ``exclude`` holds item ids never to show.
         """
         if not 1 <= k <= self.config.num_items:
             raise ValueError(f"k must be between 1 and num_items ({self.config.num_items}), got {k}")
-        utilities = self.true_utilities(user_id, now_ms)  # (num_items,)
-        sensitivity = self._sensitivity[self._user(user_id)]
-        click_reward = self._click_reward(utilities, sensitivity)  # (num_items,)
-        weight = np.exp(np.minimum(utilities - self.config.no_click_utility, 50.0))  # (num_items,)
+        value = self.expected_click_rewards(user_id, now_ms)  # (num_items,)
         for item_id in exclude:
             index = self._item_index.get(item_id)
             if index is not None:
-                weight[index] = 0.0
-        examine = self._examine if k <= len(self._examine) else self._examine_probabilities(k)
-        chosen: list[int] = []
-        reward_sum, weight_sum = 0.0, 1.0  # the outside option has weight exp(0) = 1
-        for position in range(k):
-            e = examine[position]
-            value = (reward_sum + e * weight * click_reward) / (weight_sum + e * weight)  # (num_items,)
-            value[chosen] = -np.inf
-            best = int(np.argmax(value))
-            chosen.append(best)
-            reward_sum += e * weight[best] * click_reward[best]
-            weight_sum += e * weight[best]
-        return [self.catalogue.item_ids[i] for i in chosen]
-
-    def _click_reward(self, utilities: np.ndarray, sensitivity: float) -> np.ndarray:
-        """Expected reward of a click on each item: the click plus the favorite/cart/purchase it leads to."""
-        cfg = self.config
-        margin = utilities - cfg.no_click_utility
-        liking = 1.0 / (1.0 + np.exp(-margin))
-        p_cart = cfg.cart_probability_scale * liking
-        p_favorite = cfg.favorite_probability * liking
-        buy_margin = margin - sensitivity * self.catalogue.log_price_relative
-        p_buy = cfg.purchase_probability_scale / (1.0 + np.exp(-buy_margin))
-        w = REWARD_WEIGHTS
-        return w["click"] + w["favorite"] * p_favorite + p_cart * (w["add_to_cart"] + w["purchase"] * p_buy)
+                value[index] = -np.inf
+        top = np.argpartition(-value, k - 1)[:k]
+        ranked = top[np.argsort(-value[top], kind="stable")]
+        return [self.catalogue.item_ids[i] for i in ranked.tolist()]
 
     def _examine_probabilities(self, k: int) -> np.ndarray:
         positions = np.arange(k, dtype=np.float64)  # (k,)
         return self.config.slate_examine_probability / (1.0 + positions) ** self.config.position_bias_exponent
 
-    def _base_utilities(self, user: int) -> np.ndarray:
-        """Utilities without session intent at the current drift step; (num_items,)."""
+    def _base_utilities(self, user: int, logits: np.ndarray) -> np.ndarray:
+        """Utilities without session intent, given the shopper's category logits (C,); (num_items,)."""
         cfg, cat = self.config, self.catalogue
-        logits = self._logits[user]  # (C,)
         shifted = logits - logits.max()
         log_preference = shifted - math.log(float(np.exp(shifted).sum())) + math.log(cfg.num_categories)
         utilities = cat.features @ self._taste[user]  # (num_items,)
@@ -291,7 +294,7 @@ class ShopperSimulator:
 
     def _session_utilities(self, session: _Session) -> np.ndarray:
         if session.utilities is None or session.utilities_step != self._drift_index:
-            utilities = self._base_utilities(session.user)
+            utilities = self._base_utilities(session.user, self._logits[session.user])
             utilities[self._items_by_category[session.intent]] += self.config.session_intent_bonus
             browse = np.exp((utilities - utilities.max()) / self.config.browse_temperature)
             session.utilities = utilities
@@ -299,11 +302,15 @@ class ShopperSimulator:
             session.utilities_step = self._drift_index
         return session.utilities
 
-    def _sync_drift(self, now_ms: int) -> None:
-        """Step every shopper's category logits up to the drift step that contains now_ms."""
-        target = (now_ms - self.config.start_time_ms) // self._drift_step_ms
-        if target <= self._drift_index:
-            return
+    def _drift_step_of(self, now_ms: int) -> int:
+        return max(0, (now_ms - self.config.start_time_ms) // self._drift_step_ms)
+
+    def _drift_from(self, logits: np.ndarray, step: int) -> np.ndarray:
+        """Category logits (users, C) after drift step ``step`` (an exact Ornstein-Uhlenbeck step).
+
+        The shocks of each step come from their own seed (config.seed, step), so the path is the
+        same whoever computes it and whenever.
+        """
         cfg = self.config
         dt_days = self._drift_step_ms / _MS_PER_DAY
         theta, sigma = cfg.preference_reversion_per_day, cfg.preference_drift_per_day
@@ -312,11 +319,31 @@ class ShopperSimulator:
             noise = sigma * math.sqrt((1.0 - keep * keep) / (2.0 * theta))
         else:
             keep, noise = 1.0, sigma * math.sqrt(dt_days)
-        # Stepped one grid step at a time (never one big jump) so the path depends on the seed only.
+        seed = np.random.SeedSequence(cfg.seed, spawn_key=(_DRIFT_STREAM, step))
+        shocks = np.random.default_rng(seed).standard_normal(logits.shape)  # (users, C)
+        return self._base_logits + keep * (logits - self._base_logits) + noise * shocks
+
+    def _sync_drift(self, now_ms: int) -> None:
+        """Move the shoppers' preferences (what behaviour uses) forward to the step of now_ms."""
+        target = self._drift_step_of(now_ms)
+        if target <= self._drift_index:
+            return
+        if self._lookahead is not None and self._drift_index < self._lookahead[0] <= target:
+            self._drift_index, self._logits = self._lookahead
         while self._drift_index < target:
-            shocks = self._drift_rng.standard_normal(self._logits.shape)  # (users, C)
-            self._logits = self._base_logits + keep * (self._logits - self._base_logits) + noise * shocks
             self._drift_index += 1
+            self._logits = self._drift_from(self._logits, self._drift_index)
+
+    def _logits_ahead(self, step: int) -> np.ndarray:
+        """Category logits at a later step than behaviour has reached, without moving behaviour."""
+        index, logits = self._drift_index, self._logits
+        if self._lookahead is not None and index < self._lookahead[0] <= step:
+            index, logits = self._lookahead
+        while index < step:
+            index += 1
+            logits = self._drift_from(logits, index)
+        self._lookahead = (index, logits)
+        return logits
 
     # ------------------------------------------------------------------------- organic activity
 
@@ -513,7 +540,11 @@ class ShopperSimulator:
             elif draw < cfg.organic_view_probability + cfg.rec_request_probability:
                 self._request_counter += 1
                 event = self._event(
-                    session, "rec_request", time_ms, session.on_screen, request_id=f"req-{self._request_counter}"
+                    session,
+                    "rec_request",
+                    time_ms,
+                    session.on_screen,
+                    request_id=f"req-{self._request_counter}",
                 )
             elif session.cart:
                 event = self._checkout(session, time_ms, utilities)
@@ -630,7 +661,9 @@ class ShopperSimulator:
         stats["reward"] += reward
         session.on_screen, session.on_screen_open = choice, False
         session.remaining_actions += self._poisson(cfg.click_session_extension)
-        self._schedule(session, time_ms + self._gap_ms(cfg.think_time_seconds))
+        next_action_ms = time_ms + self._gap_ms(cfg.think_time_seconds)
+        # Never before what advance() already returned, so its output stays in time order.
+        self._schedule(session, next_action_ms if session.manual else max(next_action_ms, self.now_ms))
         return events
 
     # ----------------------------------------------------------------------------- evaluation

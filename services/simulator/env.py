@@ -9,10 +9,14 @@ opportunity or the end of the session.
 - Reward: the weighted feedback on the slate in this step: click 1, add_to_cart 3, favorite 2,
   purchase 10 (``REWARD_WEIGHTS``).
 - Terminated: the session ended (the shopper left). Truncated: ``max_steps`` slates were shown.
+- Info: ``user_id``, ``session_id``, ``time_ms`` (simulated time of the shopper's latest event, the
+  time to ask ``env.unwrapped.simulator.oracle_slate`` about), ``slates_shown``; after a step also
+  ``clicked_position`` (-1 for none) and ``response_events``.
 - ``reset(seed=...)`` rebuilds the simulator with the env's new generator: the catalogue and the
   shoppers come from ``config.seed`` and stay the same, the behaviour follows ``seed``. Later
-  unseeded resets start the next session of the same simulated shop, later in simulated time (so
-  preferences drift across episodes). ``options={"user_id": "shopper-0042"}`` picks the shopper.
+  unseeded resets start the next session of the same simulated shop, a Poisson gap later in
+  simulated time (``session_start_rate_per_minute``), so preferences drift across episodes as fast
+  as in the full simulation. ``options={"user_id": "shopper-0042"}`` picks the shopper.
 
 Observation (float32, length ``2 * C + 13`` for C = num_categories), what a recommender could know:
 
@@ -55,7 +59,7 @@ def observation_size(num_categories: int) -> int:
 class ShopperEnv(gymnasium.Env[np.ndarray, Any]):
     """Recommend slates to one simulated shopper per episode; reward is the feedback on them."""
 
-    metadata: dict[str, Any] = {"render_modes": []}  # noqa: RUF012 (gymnasium's convention)
+    metadata: dict[str, Any] = {"render_modes": []}  # noqa: RUF012 (the type gymnasium.Env declares)
 
     def __init__(
         self,
@@ -86,6 +90,7 @@ class ShopperEnv(gymnasium.Env[np.ndarray, Any]):
         self.observation_space = spaces.Box(low, high, dtype=np.float32)
 
         self._sim: ShopperSimulator | None = None
+        self._session_start_ms = self.config.start_time_ms
         self._time_ms = self.config.start_time_ms
         self._recommendations = 0
         self._user_id = ""
@@ -115,7 +120,7 @@ class ShopperEnv(gymnasium.Env[np.ndarray, Any]):
         super().reset(seed=seed)
         if seed is not None or self._sim is None:
             self._sim = ShopperSimulator(self.config, rng=self.np_random)
-            self._time_ms = self.config.start_time_ms
+            self._session_start_ms = self.config.start_time_ms
         elif not self._done:
             self._sim.end_session(self._user_id)
         sim = self._sim
@@ -123,10 +128,13 @@ class ShopperEnv(gymnasium.Env[np.ndarray, Any]):
             self._user_id = str(options["user_id"])
         else:
             self._user_id = sim.user_ids[int(self.np_random.integers(len(sim.user_ids)))]
+        # Sessions start as the population's do (Poisson, session_start_rate_per_minute), so simulated
+        # time and preference drift run as fast per session as in the full simulation.
         rate = self.config.session_start_rate_per_minute
         mean_gap_ms = 60_000.0 / rate if rate > 0 else 1000.0 * self.config.think_time_seconds
-        self._time_ms += 1 + int(self.np_random.exponential(mean_gap_ms))
-        self._session_id = sim.start_session(self._user_id, self._time_ms)
+        self._session_start_ms += 1 + int(self.np_random.exponential(mean_gap_ms))
+        self._time_ms = self._session_start_ms
+        self._session_id = sim.start_session(self._user_id, self._session_start_ms)
         self._reset_session()
         self._done = not self._browse_to_opportunity()
         return self._observation(), self._info()
@@ -143,7 +151,9 @@ class ShopperEnv(gymnasium.Env[np.ndarray, Any]):
         rec = Recommendation(
             rec_id=f"env-rec-{self._recommendations}",
             user_id=self._user_id,
-            items=[RecommendedItem(item_id=sim.item_ids[i], score=0.0, propensity=1.0) for i in slate.tolist()],
+            items=[
+                RecommendedItem(item_id=sim.item_ids[i], score=0.0, propensity=1.0) for i in slate.tolist()
+            ],
             policy="env",
             model_version=0,
             explored=False,
@@ -187,7 +197,7 @@ class ShopperEnv(gymnasium.Env[np.ndarray, Any]):
 
     def _track(self, event: ClickEvent) -> None:
         self._last_event = event
-        self._time_ms = max(self._time_ms, event.timestamp)
+        self._time_ms = event.timestamp
         item_id = event.item_id
         if item_id is None:
             return
