@@ -153,16 +153,11 @@ def bench_kafka(quick: bool, servers: str) -> dict[str, Any]:
 
 def bench_state_builder(quick: bool, servers: str) -> dict[str, Any]:
     """The state-builder end to end on the real broker (consume, decode, update, produce, commit) in one
-    process, next to the raw kafka-python consume rate of the same topic measured in the same run."""
-    import threading
-
-    from prometheus_client import CollectorRegistry
-
+    process, next to the raw consume rate of the same topic measured in the same run: with kafka-python,
+    and with confluent-kafka when it is installed."""
     from services.bus.kafka import KafkaBus, KafkaSettings, raw_consume_rate
     from services.replay.config import ReplayConfig
     from services.replay.service import run_replay
-    from services.state_builder.config import StateBuilderConfig
-    from services.state_builder.service import StateBuilder
     from services.topics import topic_specs
 
     suffix = uuid.uuid4().hex[:8]
@@ -206,34 +201,74 @@ def bench_state_builder(quick: bool, servers: str) -> dict[str, Any]:
         events = summary.events_produced
         consumed, seconds = raw_consume_rate(settings, names["clickstream_topic"], events)
         ceiling = consumed / seconds if seconds > 0 else 0.0
-        config = StateBuilderConfig(
-            bootstrap_servers=servers,
-            group_id=f"bench-sb-{suffix}",
-            create_topics=False,
-            clickstream_topic=names["clickstream_topic"],
-            recommendations_topic=names["recommendations_topic"],
-            user_state_topic=names["user_state_topic"],
-            transitions_topic=names["transitions_topic"],
-            dead_letter_topic=names["dead_letter_topic"],
+        results = _state_builder_run(
+            KafkaBus(settings), servers, names, f"bench-sb-{suffix}", events, ceiling
         )
-        builder = StateBuilder(config, KafkaBus(settings), CollectorRegistry())
-        stop = threading.Event()
-        started = time.perf_counter()
-        first_record: list[float] = []
-
-        def watch() -> None:
-            while not stop.is_set():
-                if builder.stats.records and not first_record:
-                    first_record.append(time.perf_counter())
-                if builder.stats.records >= events:
-                    stop.set()
-                time.sleep(0.005)
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        stats = builder.run(stop, idle_exit_s=60)
-        elapsed = time.perf_counter() - (first_record[0] if first_record else started)
+        results["client"] = "kafka-python"
+        try:
+            from services.bus.confluent import ConfluentBus, raw_consume_rate_confluent
+        except ImportError:
+            results["confluent"] = "not installed (pip install 'qrec[confluent]')"
+        else:
+            consumed, seconds = raw_consume_rate_confluent(settings, names["clickstream_topic"], events)
+            outputs = {k: f"{v}.confluent" for k, v in names.items() if k != "clickstream_topic"}
+            bus.create_topics(
+                [
+                    TopicSpec(topic, 6, {"cleanup.policy": "compact"} if key == "user_state_topic" else {})
+                    for key, topic in outputs.items()
+                ]
+            )
+            results["confluent"] = _state_builder_run(
+                ConfluentBus(settings),
+                servers,
+                {**names, **outputs},
+                f"bench-sb-confluent-{suffix}",
+                events,
+                consumed / seconds if seconds > 0 else 0.0,
+            )
         bus.close()
+    return results
+
+
+def _state_builder_run(
+    bus: Any, servers: str, names: dict[str, str], group: str, events: int, ceiling: float
+) -> dict[str, Any]:
+    """Run one state-builder until it has processed ``events`` records; its rate next to ``ceiling``."""
+    import threading
+
+    from prometheus_client import CollectorRegistry
+
+    from services.state_builder.config import StateBuilderConfig
+    from services.state_builder.service import StateBuilder
+
+    config = StateBuilderConfig(
+        bootstrap_servers=servers,
+        group_id=group,
+        create_topics=False,
+        clickstream_topic=names["clickstream_topic"],
+        recommendations_topic=names["recommendations_topic"],
+        user_state_topic=names["user_state_topic"],
+        transitions_topic=names["transitions_topic"],
+        dead_letter_topic=names["dead_letter_topic"],
+    )
+    builder = StateBuilder(config, bus, CollectorRegistry())
+    stop = threading.Event()
+    started = time.perf_counter()
+    first_record: list[float] = []
+
+    def watch() -> None:
+        while not stop.is_set():
+            if builder.stats.records and not first_record:
+                first_record.append(time.perf_counter())
+            if builder.stats.records >= events:
+                stop.set()
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    stats = builder.run(stop, idle_exit_s=60)
+    elapsed = time.perf_counter() - (first_record[0] if first_record else started)
+    bus.close()
     rate = stats.records / elapsed if elapsed > 0 else 0.0
     return {
         "events_per_s": round(rate),
@@ -242,7 +277,6 @@ def bench_state_builder(quick: bool, servers: str) -> dict[str, Any]:
         "events": stats.records,
         "states_published": stats.states,
         "transitions_published": stats.transitions,
-        "client": "kafka-python",
     }
 
 

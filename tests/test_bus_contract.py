@@ -102,9 +102,14 @@ def test_group_members_share_co_partitioned_topics_by_range(bus: Bus, name: Call
         producer.send(recs, f"u{i}".encode(), b"r")
     producer.flush()
     first, second = bus.consumer(group), bus.consumer(group)
+    # As in production: one member runs and owns everything, then a second one joins.
     first.subscribe([clicks, recs])
-    second.subscribe([clicks, recs])
     seen: list[Record] = []
+    deadline = time.monotonic() + 60
+    while len(first.assignment()) < 8 and time.monotonic() < deadline:
+        seen.extend(first.poll(timeout_s=0.1))
+    assert len(first.assignment()) == 8, first.assignment()
+    second.subscribe([clicks, recs])
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         seen.extend(first.poll(timeout_s=0.1))

@@ -313,3 +313,25 @@ def test_two_processes_one_killed_give_the_same_state_as_one_pure_replay(
     assert set(by_id) == set(expected_transitions), logs
     assert all(len(copies) == 1 for copies in by_id.values()), "a re-emitted transition must be identical"
     bus.close()
+
+
+def test_pseudonymize_replaces_user_ids_with_a_keyed_hash() -> None:
+    bus = EmbeddedBus()
+    config = StateBuilderConfig(partitions=2, pseudonymize=True, pseudonymize_salt="s3cret")
+    builder = StateBuilder(config, bus, CollectorRegistry())
+    producer = bus.producer()
+    producer.send(CLICKSTREAM, b"dave", encode(view("d1", "dave", 1_700_000_000_000, "i1")))
+    builder.consumer.subscribe(
+        [CLICKSTREAM, RECOMMENDATIONS], on_assign=builder._on_assign, on_revoke=builder._on_revoke
+    )
+    while builder.poll_once(timeout_s=0.05):
+        pass
+    states = [USER_STATES.decode(r.value) for r in read_topic(bus, USER_STATE) if r.value]
+    assert len(states) == 1 and isinstance(states[0], UserState)
+    user = states[0].user_id
+    assert user != "dave" and "dave" not in user and user.startswith("p-") and len(user) == 34
+    other = StateBuilderConfig(partitions=2, pseudonymize=True, pseudonymize_salt="another")
+    from services.state_builder.service import pseudonym
+
+    assert pseudonym("dave", "s3cret") == user and pseudonym("dave", other.pseudonymize_salt or "") != user
+    builder.close()
