@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from rich.console import Console
@@ -155,32 +156,44 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+def _run_service(
+    config: BusConfig,
+    name: str,
+    build: Callable[[Any, CollectorRegistry], Any],
+    *,
+    group_member: bool = True,
+    without_kafka: str = "qrec demo runs every service on the embedded bus in one process",
+) -> Any:
+    """Run a long-lived service until SIGTERM/Ctrl-C: metrics endpoint, bus, service loop, clean close."""
+    if config.bootstrap_servers == "embedded":
+        raise ConfigError(
+            f"the {name} runs as its own process and needs Kafka: pass --bootstrap-servers HOST:PORT "
+            f"({without_kafka})"
+        )
+    registry = CollectorRegistry()
+    _serve(config, registry)
+    stop = _stop_on_signals()
+    overrides: dict[str, Any] = {}
+    timeout = getattr(config, "session_timeout_ms", None)
+    if group_member and timeout:
+        overrides = {"session_timeout_ms": timeout, "heartbeat_interval_ms": max(100, timeout // 4)}
+    bus = make_bus(config, **overrides)
+    try:
+        service = build(bus, registry)
+        service.run(stop)
+    finally:
+        bus.close()
+    return service
+
+
 def cmd_state_builder(args: argparse.Namespace) -> int:
     from services.state_builder.config import StateBuilderConfig
     from services.state_builder.service import StateBuilder
 
     config = config_from_args(StateBuilderConfig, args)
-    if config.bootstrap_servers == "embedded":
-        raise ConfigError(
-            "the state-builder runs as its own process and needs Kafka: pass --bootstrap-servers HOST:PORT "
-            "(qrec demo runs every service on the embedded bus in one process)"
-        )
-    registry = CollectorRegistry()
-    _serve(config, registry)
-    stop = _stop_on_signals()
-    bus = make_bus(
-        config,
-        session_timeout_ms=config.session_timeout_ms,
-        heartbeat_interval_ms=max(100, config.session_timeout_ms // 4),
-    )
-    try:
-        builder = StateBuilder(config, bus, registry)
-        console.print(
-            f"state-builder consuming {config.clickstream_topic} and {config.recommendations_topic}"
-        )
-        stats = builder.run(stop)
-    finally:
-        bus.close()
+    console.print(f"state-builder consuming {config.clickstream_topic} and {config.recommendations_topic}")
+    builder = _run_service(config, "state-builder", lambda bus, registry: StateBuilder(config, bus, registry))
+    stats = builder.stats
     console.print(
         f"state-builder stopped: {stats.records:,} records, {stats.states:,} states, "
         f"{stats.transitions:,} transitions"
@@ -226,24 +239,20 @@ def cmd_learner(args: argparse.Namespace) -> int:
     from services.learner.service import Learner
 
     config = config_from_args(LearnerServiceConfig, args)
-    if config.bootstrap_servers == "embedded":
-        raise ConfigError(
-            "the learner runs as its own process and needs Kafka: pass --bootstrap-servers HOST:PORT "
-            "(qrec train --from-log LOG trains offline without Kafka)"
-        )
-    registry = CollectorRegistry()
-    _serve(config, registry)
-    stop = _stop_on_signals()
-    bus = make_bus(config)
-    try:
+    console.print(f"learner consuming {config.transitions_topic}, publishing to {config.model_topic}")
+
+    def build(bus: Any, registry: CollectorRegistry) -> Learner:
         learner = Learner(config, bus, registry)
-        console.print(
-            f"learner consuming {config.transitions_topic}, publishing to {config.model_topic} "
-            f"(resumed at version {learner.version})"
-        )
-        learner.run(stop)
-    finally:
-        bus.close()
+        console.print(f"resumed at version {learner.version}" if learner.version else "starting from scratch")
+        return learner
+
+    learner = _run_service(
+        config,
+        "learner",
+        build,
+        group_member=False,
+        without_kafka="qrec train --from-log LOG trains offline without Kafka",
+    )
     console.print(f"learner stopped at model version {learner.version}, step {learner.trainer.step}")
     return 0
 
@@ -253,26 +262,9 @@ def cmd_actor(args: argparse.Namespace) -> int:
     from services.actor.service import Actor
 
     config = config_from_args(ActorConfig, args)
-    if config.bootstrap_servers == "embedded":
-        raise ConfigError(
-            "the actor runs as its own process and needs Kafka: pass --bootstrap-servers HOST:PORT "
-            "(qrec demo runs every service on the embedded bus in one process)"
-        )
-    registry = CollectorRegistry()
-    _serve(config, registry)
-    stop = _stop_on_signals()
-    bus = make_bus(
-        config,
-        session_timeout_ms=config.session_timeout_ms,
-        heartbeat_interval_ms=max(100, config.session_timeout_ms // 4),
-    )
-    try:
-        actor = Actor(config, bus, registry)
-        console.print(f"actor serving {config.user_state_topic} -> {config.recommendations_topic}")
-        published = actor.run(stop)
-    finally:
-        bus.close()
-    console.print(f"actor stopped after {published:,} recommendations")
+    console.print(f"actor serving {config.user_state_topic} -> {config.recommendations_topic}")
+    actor = _run_service(config, "actor", lambda bus, registry: Actor(config, bus, registry))
+    console.print(f"actor stopped after {actor.published:,} recommendations")
     return 0
 
 

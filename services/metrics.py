@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info, start_http_server
 
 from services import __version__
+from services.bus.base import BusError, Consumer, Record, TopicPartition
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,7 @@ class ProcessMetrics:
     """What every qrec process exports: its identity, and the dead letters it wrote."""
 
     def __init__(self, registry: CollectorRegistry, service: str) -> None:
+        self.registry = registry
         self.service = service
         self.info = Info("qrec_build", "qrec version and the service this process runs", registry=registry)
         self.info.info({"version": __version__, "service": service})
@@ -61,3 +65,42 @@ class ProcessMetrics:
             ["service", "reason"],
             registry=registry,
         )
+
+
+def next_offsets(records: Iterable[Record]) -> dict[TopicPartition, int]:
+    """For each partition in ``records``, the offset after its last record: what to commit."""
+    offsets: dict[TopicPartition, int] = {}
+    for record in records:
+        tp = record.topic_partition
+        offsets[tp] = max(offsets.get(tp, 0), record.offset + 1)
+    return offsets
+
+
+class ConsumerLag:
+    """Exports ``qrec_consumer_lag_records`` for a consumer's assigned partitions, every few seconds."""
+
+    def __init__(self, registry: CollectorRegistry, group: str, every_s: float = 5.0) -> None:
+        self.gauge = Gauge(
+            "qrec_consumer_lag_records",
+            "Records between the consumer's position and the end of each assigned partition",
+            ["group", "topic", "partition"],
+            registry=registry,
+        )
+        self.group = group
+        self.every_s = every_s
+        self._last = 0.0
+
+    def update(self, consumer: Consumer) -> None:
+        if time.monotonic() - self._last < self.every_s:
+            return
+        self._last = time.monotonic()
+        assigned = sorted(consumer.assignment())
+        if not assigned:
+            return
+        try:
+            ends = consumer.end_offsets(assigned)
+            for tp in assigned:
+                lag = max(0, ends[tp] - consumer.position(tp))
+                self.gauge.labels(self.group, tp.topic, str(tp.partition)).set(lag)
+        except BusError as exc:
+            log.debug("lag update skipped: %s", exc)

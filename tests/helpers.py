@@ -194,3 +194,18 @@ def start_prometheus(tmp_path: Path, targets: list[str], scrape_interval: str = 
         suffix += 1
         directory = Path(tmp_path) / f"prometheus-{suffix}"
     return PrometheusServer(directory, targets, scrape_interval).start()
+
+
+def read_topic(bus: Any, topic: str) -> list[Any]:
+    """Every record of every partition of ``topic`` up to its current end, in (partition, offset) order."""
+    from services.bus.base import Record, TopicPartition
+
+    consumer = bus.consumer()
+    partitions = [TopicPartition(topic, p) for p in range(bus.partitions_for(topic))]
+    consumer.assign(partitions)
+    ends = consumer.end_offsets(partitions)
+    records: list[Record] = []
+    while any(consumer.position(tp) < ends[tp] for tp in partitions):
+        records.extend(consumer.poll(max_records=5000, timeout_s=0.5))
+    consumer.close()
+    return sorted(records, key=lambda r: (r.partition, r.offset))

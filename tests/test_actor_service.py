@@ -35,7 +35,7 @@ from services.state_builder.config import StateBuilderConfig
 from services.state_builder.service import UPDATE_HEADER, StateBuilder
 from services.topics import MODEL, USER_STATE
 from services.topics import RECOMMENDATIONS as RECOMMENDATIONS_TOPIC
-from tests.helpers import wait_until
+from tests.helpers import read_topic, wait_until
 
 TAOBAO = (
     Path(__file__).resolve().parents[2]
@@ -326,7 +326,7 @@ def test_separate_processes_serve_every_opportunity_through_a_kill_and_a_model_s
             vocabulary_capacity=3000, embed_dim=16, hidden_sizes="32,32", batch_size=32, updates_per_call=4
         )
         trainer = Trainer(settings, 61)
-        transitions = [TRANSITIONS.decode(r.value) for r in read_all(bus, names["transitions"])]
+        transitions = [TRANSITIONS.decode(r.value) for r in read_topic(bus, names["transitions"])]
         trainer.add([t for t in transitions if isinstance(t, Transition)])
         trainer.train(8)
         publish_model(
@@ -373,26 +373,14 @@ def test_separate_processes_serve_every_opportunity_through_a_kill_and_a_model_s
     bus.close()
 
 
-def read_all(bus: Bus, topic: str) -> list[Record]:
-    consumer = bus.consumer()
-    partitions = [TopicPartition(topic, p) for p in range(bus.partitions_for(topic))]
-    consumer.assign(partitions)
-    ends = consumer.end_offsets(partitions)
-    records: list[Record] = []
-    while any(consumer.position(tp) < ends[tp] for tp in partitions):
-        records.extend(consumer.poll(max_records=5000, timeout_s=0.5))
-    consumer.close()
-    return records
-
-
 def recommendations_on(bus: Bus, topic: str) -> list[Recommendation]:
-    found = [RECOMMENDATIONS.decode(r.value) for r in read_all(bus, topic)]
+    found = [RECOMMENDATIONS.decode(r.value) for r in read_topic(bus, topic)]
     return [r for r in found if isinstance(r, Recommendation)]
 
 
 def opportunities_on(bus: Bus, topic: str) -> set[str]:
     found = set()
-    for record in read_all(bus, topic):
+    for record in read_topic(bus, topic):
         if record.value is None or dict(record.headers).get(UPDATE_HEADER):
             continue
         state = USER_STATES.decode(record.value)

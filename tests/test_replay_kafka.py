@@ -12,27 +12,16 @@ from prometheus_client import CollectorRegistry
 
 from schemas.codec import CLICK_EVENTS, DEAD_LETTERS, DecodeError, encode
 from schemas.messages import ClickEvent, DeadLetter
-from services.bus.base import Bus, Record, TopicPartition
+from services.bus.base import Bus
 from services.bus.embedded import EmbeddedBus
 from services.bus.kafka import KafkaBus, KafkaSettings
 from services.replay.config import RecordConfig, ReplayConfig
 from services.replay.formats import read_log
 from services.replay.service import run_record, run_replay
+from tests.helpers import read_topic
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TAOBAO = SHARED_DATA / "taobao_userbehavior_head" / "UserBehavior_head.csv"
-
-
-def read_all(bus: Bus, topic: str) -> list[Record]:
-    consumer = bus.consumer()
-    partitions = [TopicPartition(topic, p) for p in range(bus.partitions_for(topic))]
-    consumer.assign(partitions)
-    ends = consumer.end_offsets(partitions)
-    records: list[Record] = []
-    while any(consumer.position(tp) < ends[tp] for tp in partitions):
-        records.extend(consumer.poll(max_records=5000, timeout_s=0.5))
-    consumer.close()
-    return records
 
 
 def per_user(events: list[ClickEvent]) -> dict[str, list[ClickEvent]]:
@@ -107,7 +96,7 @@ def test_taobao_sample_replays_through_kafka_and_records_back_identically(
     run_record(RecordConfig(topic=topic2, out="-", bootstrap_servers=bootstrap_servers), kafka_bus, buffer)
     assert buffer.getvalue() == out.read_bytes()
 
-    letters = [DEAD_LETTERS.decode(r.value) for r in read_all(kafka_bus, dead)]
+    letters = [DEAD_LETTERS.decode(r.value) for r in read_topic(kafka_bus, dead)]
     assert len(letters) == 1
     letter = letters[0]
     assert isinstance(letter, DeadLetter)
@@ -178,9 +167,9 @@ def check_malformed_replay(
     assert summary.events_produced == len(valid)
     assert summary.invalid_rows == len(bad)
     assert summary.dead_letters_by_reason == dict(Counter(bad.values()))
-    arrived = decode_events([r.value or b"" for r in read_all(bus, config.topic)])
+    arrived = decode_events([r.value or b"" for r in read_topic(bus, config.topic)])
     assert per_user(arrived) == per_user(valid)
-    letters = [DEAD_LETTERS.decode(r.value) for r in read_all(bus, config.dead_letter_topic)]
+    letters = [DEAD_LETTERS.decode(r.value) for r in read_topic(bus, config.dead_letter_topic)]
     assert all(isinstance(letter, DeadLetter) for letter in letters)
     by_line = {letter.source_line: letter for letter in letters if isinstance(letter, DeadLetter)}
     assert {line: letter.reason_code for line, letter in by_line.items()} == bad
@@ -238,5 +227,5 @@ def test_replay_limit_time_range_and_pacing(tmp_path: Path) -> None:
     assert summary.events_produced == 5
     assert summary.skipped_out_of_range == 1
     assert sleeps == pytest.approx([1.0, 1.0, 1.0, 1.0]), "2 s of log time at speed 2 is 1 s of wall time"
-    produced = decode_events([r.value or b"" for r in read_all(bus, config.topic)])
+    produced = decode_events([r.value or b"" for r in read_topic(bus, config.topic)])
     assert [e.event_id for e in produced] == ["e1", "e2", "e3", "e4", "e5"]

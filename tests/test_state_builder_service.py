@@ -26,7 +26,7 @@ from services.state_builder.partition import Emitted, PartitionState
 from services.state_builder.service import CONTROL_HEADER, FORGET, StateBuilder, step_params
 from services.topics import CLICKSTREAM, DEAD_LETTER, RECOMMENDATIONS, USER_STATE, topic_specs
 from services.topics import TRANSITIONS as TRANSITIONS_TOPIC
-from tests.helpers import wait_until
+from tests.helpers import read_topic, wait_until
 
 TAOBAO = (
     Path(__file__).resolve().parents[2]
@@ -35,18 +35,6 @@ TAOBAO = (
     / "taobao_userbehavior_head"
     / "UserBehavior_head.csv"
 )
-
-
-def read_topic(bus: Bus, topic: str) -> list[Record]:
-    consumer = bus.consumer()
-    partitions = [TopicPartition(topic, p) for p in range(bus.partitions_for(topic))]
-    consumer.assign(partitions)
-    ends = consumer.end_offsets(partitions)
-    records: list[Record] = []
-    while any(consumer.position(tp) < ends[tp] for tp in partitions):
-        records.extend(consumer.poll(max_records=5000, timeout_s=0.5))
-    consumer.close()
-    return sorted(records, key=lambda r: (r.partition, r.offset))
 
 
 def final_states(records: list[Record]) -> dict[str, bytes]:

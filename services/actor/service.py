@@ -27,7 +27,7 @@ from services.actor.model import LiveModel, score_and_select, select_slates
 from services.actor.step import COLD_START, Popularity, allowed_mask, event_key, parse_split
 from services.bus.base import Bus, BusError, Record, TopicPartition
 from services.dead_letter import DeadLetterSink, dead_letter
-from services.metrics import ProcessMetrics
+from services.metrics import ConsumerLag, ProcessMetrics, next_offsets
 from services.model_topic import ModelAssembler
 from services.replay.service import ensure_topics
 from services.state_builder.service import UPDATE_HEADER
@@ -94,12 +94,6 @@ class ActorMetrics(ProcessMetrics):
             buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000),
             registry=registry,
         )
-        self.lag = Gauge(
-            "qrec_consumer_lag_records",
-            "Records between the committed position and the end of each assigned partition",
-            ["group", "topic", "partition"],
-            registry=registry,
-        )
 
 
 class Actor:
@@ -133,7 +127,7 @@ class Actor:
         self.model_consumer.assign([model_tp])
         self.model_consumer.seek_to_beginning([model_tp])
         self.published = 0
-        self._last_lag = 0.0
+        self.lag = ConsumerLag(self.metrics.registry, config.group_id)
 
     # -- models ---------------------------------------------------------------------------------
     def refresh_model(self, timeout_s: float = 0.0) -> None:
@@ -382,7 +376,7 @@ class Actor:
         self.refresh_model()
         records = self.consumer.poll(max_records=self.config.max_batch, timeout_s=timeout_s)
         if not records:
-            self._update_lag()
+            self.lag.update(self.consumer)
             return 0
         made = self.serve(records)
         self.producer.flush()
@@ -390,28 +384,13 @@ class Actor:
         for record in records:
             if record.value is not None and dict(record.headers).get(UPDATE_HEADER) is None:
                 self.metrics.latency.observe(max(0.0, now - record.timestamp_ms / 1000.0))
-        offsets: dict[TopicPartition, int] = {}
-        for record in records:
-            offsets[record.topic_partition] = max(offsets.get(record.topic_partition, 0), record.offset + 1)
         try:
-            self.consumer.commit(offsets)
+            self.consumer.commit(next_offsets(records))
         except BusError as exc:  # a rebalance moved the partitions; their new owner re-serves them
             log.warning("commit failed after a rebalance: %s", exc)
         self.published += len(made)
-        self._update_lag()
+        self.lag.update(self.consumer)
         return len(records)
-
-    def _update_lag(self) -> None:
-        if time.monotonic() - self._last_lag < 5.0:
-            return
-        self._last_lag = time.monotonic()
-        assigned = sorted(self.consumer.assignment())
-        if not assigned:
-            return
-        ends = self.consumer.end_offsets(assigned)
-        for tp in assigned:
-            lag = max(0, ends[tp] - self.consumer.position(tp))
-            self.metrics.lag.labels(self.config.group_id, tp.topic, str(tp.partition)).set(lag)
 
     def run(self, stop: threading.Event | None = None) -> int:
         stop = stop or threading.Event()

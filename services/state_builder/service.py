@@ -28,7 +28,7 @@ from schemas.codec import CLICK_EVENTS, RECOMMENDATIONS, DecodeError, encode
 from schemas.messages import ClickEvent, Recommendation
 from services.bus.base import Bus, BusError, Record, TopicPartition
 from services.dead_letter import DeadLetterSink, dead_letter
-from services.metrics import ProcessMetrics
+from services.metrics import ConsumerLag, ProcessMetrics, next_offsets
 from services.replay.service import ensure_topics
 from services.state_builder.config import StateBuilderConfig, parse_weights
 from services.state_builder.partition import Emitted, PartitionState
@@ -119,12 +119,6 @@ class StateBuilderMetrics(ProcessMetrics):
         self.users = Gauge(
             "qrec_state_builder_users", "Users held in memory by this process", registry=registry
         )
-        self.lag = Gauge(
-            "qrec_consumer_lag_records",
-            "Records between the committed position and the end of each assigned partition",
-            ["group", "topic", "partition"],
-            registry=registry,
-        )
         self.latency = Histogram(
             "qrec_state_builder_latency_seconds",
             "From an event's Kafka record time to its UserState being acknowledged",
@@ -187,7 +181,7 @@ class StateBuilder:
         self.dead_letters = DeadLetterSink(self.producer, self.metrics, config.dead_letter_topic)
         self.consumer = bus.consumer(config.group_id)
         self._restore_consumer = bus.consumer()
-        self._last_lag_update = 0.0
+        self.lag = ConsumerLag(self.metrics.registry, config.group_id)
         self._to_restore: set[int] = set()
 
     # -- rebalancing ------------------------------------------------------------------------------
@@ -361,14 +355,6 @@ class StateBuilder:
         self.stats.states += len(emitted.states)
         self.stats.transitions += len(emitted.transitions)
 
-    def _commit(self, records: list[Record]) -> None:
-        offsets: dict[TopicPartition, int] = {}
-        for record in records:
-            tp = record.topic_partition
-            offsets[tp] = max(offsets.get(tp, 0), record.offset + 1)
-        if offsets:
-            self.consumer.commit(offsets)
-
     def poll_once(self, timeout_s: float = 0.5) -> int:
         """One poll -> process -> flush -> commit cycle; returns the number of records consumed."""
         records = self.consumer.poll(max_records=self.config.max_batch, timeout_s=timeout_s)
@@ -380,7 +366,7 @@ class StateBuilder:
                 if record.topic == self.config.clickstream_topic:
                     self.metrics.latency.observe(max(0.0, now - record.timestamp_ms / 1000.0))
             try:
-                self._commit(records)
+                self.consumer.commit(next_offsets(records))
             except BusError as exc:
                 # A rebalance took the partitions away: their new owner resumes from the last commit and
                 # skips what this process already published (offsets are stored in each record).
@@ -389,23 +375,8 @@ class StateBuilder:
             self.stats.batches += 1
             self.metrics.batch_size.observe(len(records))
         self._update_users()
-        self._maybe_update_lag()
+        self.lag.update(self.consumer)
         return len(records)
-
-    def _maybe_update_lag(self) -> None:
-        if time.monotonic() - self._last_lag_update < 5.0:
-            return
-        self._last_lag_update = time.monotonic()
-        assigned = sorted(self.consumer.assignment())
-        if not assigned:
-            return
-        try:
-            ends = self.consumer.end_offsets(assigned)
-            for tp in assigned:
-                lag = max(0, ends[tp] - self.consumer.position(tp))
-                self.metrics.lag.labels(self.config.group_id, tp.topic, str(tp.partition)).set(lag)
-        except BusError as exc:
-            log.debug("lag update skipped: %s", exc)
 
     def run(self, stop: threading.Event | None = None, *, idle_exit_s: float | None = None) -> RunStats:
         """Consume until ``stop`` is set (or nothing arrived for ``idle_exit_s`` seconds)."""
