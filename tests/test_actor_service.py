@@ -261,12 +261,13 @@ def test_separate_processes_serve_every_opportunity_through_a_kill_and_a_model_s
         "--no-create-topics",
         "--session-timeout-ms=3000",
     ]
+    builders = unique_name("builders")
     builder_args = [
         f"--clickstream-topic={names['clickstream']}",
         f"--recommendations-topic={names['recommendations']}",
         f"--user-state-topic={names['user_state']}",
         f"--transitions-topic={names['transitions']}",
-        f"--group-id={unique_name('builders')}",
+        f"--group-id={builders}",
         *common,
     ]
     actor_args = [
@@ -341,7 +342,13 @@ def test_separate_processes_serve_every_opportunity_through_a_kill_and_a_model_s
         )
         run_replay(ReplayConfig(log=str(second_log), **replay), bus)  # type: ignore[arg-type]
 
+        probe = bus.consumer(builders)
+        clicks = [TopicPartition(names["clickstream"], p) for p in range(4)]
+
         def all_served() -> bool:
+            # Only once the state-builder has committed every event is the set of opportunities final.
+            if sum(probe.committed(tp) or 0 for tp in clicks) < 3500:
+                return False
             wanted = opportunities_on(bus, names["user_state"])
             served = {r.source_event_id for r in recommendations_on(bus, names["recommendations"])}
             return len(wanted) > 1000 and wanted <= served
