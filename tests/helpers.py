@@ -209,3 +209,20 @@ def read_topic(bus: Any, topic: str) -> list[Any]:
         records.extend(consumer.poll(max_records=5000, timeout_s=0.5))
     consumer.close()
     return sorted(records, key=lambda r: (r.partition, r.offset))
+
+
+def start_service(module: str, bootstrap: str, args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Run ``python -m module --bootstrap-servers ...`` as its own OS process, output appended to ``log``.
+
+    QREC_* variables of the test run are not passed on, so only ``args`` configure the process.
+    """
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QREC_")}
+    return subprocess.Popen(
+        [sys.executable, "-m", module, "--bootstrap-servers", bootstrap, *args],
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import base64
-import os
 import signal
 import subprocess
-import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +33,7 @@ from services.state_builder.config import StateBuilderConfig
 from services.state_builder.service import UPDATE_HEADER, StateBuilder
 from services.topics import MODEL, USER_STATE
 from services.topics import RECOMMENDATIONS as RECOMMENDATIONS_TOPIC
-from tests.helpers import read_topic, wait_until
+from tests.helpers import read_topic, start_service, wait_until
 
 TAOBAO = (
     Path(__file__).resolve().parents[2]
@@ -211,16 +209,6 @@ def test_closed_pipeline_on_the_embedded_bus_with_model_swaps(tmp_path: Path) ->
     assert len(recommendations(bus)) > before
 
 
-def _process(module: str, bootstrap: str, args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QREC_")}
-    return subprocess.Popen(
-        [sys.executable, "-m", module, "--bootstrap-servers", bootstrap, *args],
-        env=env,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
-
-
 @pytest.mark.kafka
 def test_separate_processes_serve_every_opportunity_through_a_kill_and_a_model_swap(
     bootstrap_servers: str, unique_name: Callable[[str], str], tmp_path: Path
@@ -278,9 +266,9 @@ def test_separate_processes_serve_every_opportunity_through_a_kill_and_a_model_s
         *common,
     ]
     processes = [
-        _process("services.state_builder", bootstrap_servers, builder_args, tmp_path / "builder.log"),
-        _process("services.actor", bootstrap_servers, actor_args, tmp_path / "actor-a.log"),
-        _process("services.actor", bootstrap_servers, actor_args, tmp_path / "actor-b.log"),
+        start_service("services.state_builder", bootstrap_servers, builder_args, tmp_path / "builder.log"),
+        start_service("services.actor", bootstrap_servers, actor_args, tmp_path / "actor-a.log"),
+        start_service("services.actor", bootstrap_servers, actor_args, tmp_path / "actor-b.log"),
     ]
     try:
         wait_until(

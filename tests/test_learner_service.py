@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +20,7 @@ from services.learner.offline import logged_transitions
 from services.learner.service import Learner
 from services.learner.trainer import load_bundle
 from services.model_topic import ModelAssembler
-from tests.helpers import wait_until
+from tests.helpers import start_service, wait_until
 
 TAOBAO = (
     Path(__file__).resolve().parents[2]
@@ -106,16 +103,6 @@ def test_embedded_learner_trains_publishes_and_checkpoints(
     assert registry.get_sample_value("qrec_learner_model_version") == learner.version
 
 
-def _learner_process(bootstrap: str, args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QREC_")}
-    return subprocess.Popen(
-        [sys.executable, "-m", "services.learner", "--bootstrap-servers", bootstrap, *args],
-        env=env,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
-
-
 @pytest.mark.kafka
 def test_killed_learner_resumes_from_its_checkpoint_at_a_higher_version(
     transitions: list[Transition], bootstrap_servers: str, unique_name: Callable[[str], str], tmp_path: Path
@@ -136,7 +123,7 @@ def test_killed_learner_resumes_from_its_checkpoint_at_a_higher_version(
         *[f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()],
     ]
     produce(bus, topic, transitions[:1500])
-    first = _learner_process(bootstrap_servers, args, tmp_path / "first.log")
+    first = start_service("services.learner", bootstrap_servers, args, tmp_path / "first.log")
     try:
         wait_until(lambda: (checkpoint / "meta.json").is_file(), timeout_s=180, what="a first checkpoint")
         wait_until(lambda: len(read_models(bus, model_topic)) >= 1, timeout_s=60, what="a first model")
@@ -146,7 +133,7 @@ def test_killed_learner_resumes_from_its_checkpoint_at_a_higher_version(
     before = json.loads((checkpoint / "meta.json").read_text())
     assert before["version"] >= 1
     produce(bus, topic, transitions[1500:3000])
-    second = _learner_process(bootstrap_servers, args, tmp_path / "second.log")
+    second = start_service("services.learner", bootstrap_servers, args, tmp_path / "second.log")
     try:
         wait_until(
             lambda: json.loads((checkpoint / "meta.json").read_text())["learned"] == 3000,

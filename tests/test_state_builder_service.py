@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -26,7 +24,7 @@ from services.state_builder.partition import Emitted, PartitionState
 from services.state_builder.service import CONTROL_HEADER, FORGET, StateBuilder, step_params
 from services.topics import CLICKSTREAM, DEAD_LETTER, RECOMMENDATIONS, USER_STATE, topic_specs
 from services.topics import TRANSITIONS as TRANSITIONS_TOPIC
-from tests.helpers import read_topic, wait_until
+from tests.helpers import read_topic, start_service, wait_until
 
 TAOBAO = (
     Path(__file__).resolve().parents[2]
@@ -201,16 +199,6 @@ def test_forget_deletes_a_user_everywhere() -> None:
     builder.close()
 
 
-def _start_builder(bootstrap: str, config_args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QREC_")}
-    return subprocess.Popen(
-        [sys.executable, "-m", "services.state_builder", "--bootstrap-servers", bootstrap, *config_args],
-        env=env,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
-
-
 @pytest.mark.kafka
 def test_two_processes_one_killed_give_the_same_state_as_one_pure_replay(
     bootstrap_servers: str, unique_name: Callable[[str], str], tmp_path: Path
@@ -257,8 +245,8 @@ def test_two_processes_one_killed_give_the_same_state_as_one_pure_replay(
         "--max-batch=500",
         "--no-create-topics",
     ]
-    first = _start_builder(bootstrap_servers, args, tmp_path / "first.log")
-    second = _start_builder(bootstrap_servers, args, tmp_path / "second.log")
+    first = start_service("services.state_builder", bootstrap_servers, args, tmp_path / "first.log")
+    second = start_service("services.state_builder", bootstrap_servers, args, tmp_path / "second.log")
     processes = [first, second]
     try:
         probe = bus.consumer(names["group_id"])
@@ -271,7 +259,9 @@ def test_two_processes_one_killed_give_the_same_state_as_one_pure_replay(
         first.send_signal(signal.SIGKILL)
         first.wait()
         time.sleep(1.0)
-        processes.append(_start_builder(bootstrap_servers, args, tmp_path / "restarted.log"))
+        processes.append(
+            start_service("services.state_builder", bootstrap_servers, args, tmp_path / "restarted.log")
+        )
         wait_until(
             lambda: committed() == 30_000,
             timeout_s=240,

@@ -549,7 +549,7 @@ def test_purchase_long_after_the_recommendation_earns_nothing() -> None:
     assert state_of(out).purchased_items == ["a"]
 
 
-def test_recommendation_for_an_unknown_user_waits_in_a_placeholder() -> None:
+def test_recommendation_for_an_unknown_user_waits_in_a_provisional_record() -> None:
     params = StepParams()
     record, out = apply_recommendation(None, rec("r1", ["a", "b"], T0, source_event_id="lost"), params)
     assert out.outcome == "applied" and out.user_state is None and record is not None

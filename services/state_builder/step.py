@@ -93,7 +93,7 @@ Recommendation transitions (``params.recommendation_transitions``)
 ------------------------------------------------------------------
 ``apply_recommendation`` stores a ``PendingRecommendation``: ``obs_tm1`` is the user's current
 observation, ``created_at`` the recommendation's ``event_timestamp``, rewards start at 0. A
-recommendation for a user without a record creates a placeholder record (``applied_event_count ==
+recommendation for a user without a record creates a provisional record (``applied_event_count ==
 0``, empty observation) that the user's first event turns into a real state.
 
 - Feedback: an event whose type is in ``reward_weights`` with an item, at event time ``t`` with
@@ -361,7 +361,7 @@ class PendingRecommendation(msgspec.Struct, frozen=True):
     created_at: int
     """Event time of the recommendation (Recommendation.event_timestamp), in ms."""
     session_id: str | None
-    """The user's session when the recommendation was stored (None for a placeholder record)."""
+    """The user's session when the recommendation was stored (None for a provisional record)."""
     obs_tm1: Observation
     """The user's observation when the recommendation was stored."""
     rewards: list[float]
@@ -375,7 +375,7 @@ class PendingRecommendation(msgspec.Struct, frozen=True):
 class UserRecord(msgspec.Struct, frozen=True):
     """Everything the state-builder keeps for one user; serialisable with msgspec so it can be restored.
 
-    ``state.applied_event_count == 0`` marks a placeholder: a user known only from a recommendation,
+    ``state.applied_event_count == 0`` marks a provisional record: a user known only from a recommendation,
     whose ``state`` was never published.
     """
 
@@ -613,7 +613,7 @@ def apply_event(
     gap_limit_ms = params.session_gap_seconds * 1000.0
 
     if record is None or not record.state.applied_event_count:
-        # The user's first event (or first after expiry); a placeholder keeps its pending slates.
+        # The user's first event (or first after expiry); a provisional record keeps its pending slates.
         prev = None
         prev_obs = empty_observation(params) if record is None else record.state.observation
         dt_ms = 0
@@ -853,7 +853,7 @@ def _feedback(
 # Recommendations
 
 
-def _placeholder(rec: Recommendation, params: StepParams) -> UserRecord:
+def _provisional_record(rec: Recommendation, params: StepParams) -> UserRecord:
     """A record for a user known only from a recommendation (no event applied yet)."""
     hour, weekday = hour_and_weekday(rec.event_timestamp)
     buckets = params.affinity_buckets
@@ -918,7 +918,7 @@ def apply_recommendation(
         return (offset_only or record), _DUPLICATE
 
     if record is None:
-        record = _placeholder(rec, params)
+        record = _provisional_record(rec, params)
     stored = PendingRecommendation(
         rec_id=rec.rec_id,
         items=[slot.item_id for slot in rec.items],
