@@ -277,6 +277,12 @@ class KafkaBusConsumer:
     ) -> None:
         if self.group_id is None:
             raise BusError("subscribe needs a group_id; use assign() for a consumer without a group")
+        # Join only once the topics' partitions are known: a member that joins while a new topic's
+        # metadata is still missing can be left without partitions until a later rebalance.
+        deadline = time.monotonic() + 30
+        for topic in topics:
+            while not self._consumer.partitions_for_topic(topic) and time.monotonic() < deadline:
+                time.sleep(0.1)
         self._consumer.subscribe(list(topics), listener=_Listener(on_assign, on_revoke))
 
     def assign(self, partitions: Sequence[TopicPartition]) -> None:
