@@ -313,3 +313,46 @@ def test_pseudonymize_replaces_user_ids_with_a_keyed_hash() -> None:
 
     assert pseudonym("dave", "s3cret") == user and pseudonym("dave", other.pseudonymize_salt or "") != user
     builder.close()
+
+
+def test_attribution_and_reward_are_counted_by_the_recommending_policy() -> None:
+    bus = EmbeddedBus()
+    builder = StateBuilder(StateBuilderConfig(partitions=1), bus, CollectorRegistry())
+    producer = bus.producer()
+    base = 1_700_000_000_000
+    producer.send(CLICKSTREAM, b"bob", encode(view("e1", "bob", base, "i1")))
+    rec = Recommendation(
+        rec_id="r1",
+        user_id="bob",
+        items=[
+            RecommendedItem(item_id="i8", score=2.0, propensity=0.9),
+            RecommendedItem(item_id="i9", score=1.0, propensity=0.9),
+        ],
+        policy="dqn",
+        model_version=3,
+        explored=False,
+        source_event_id="e1",
+        event_timestamp=base,
+        created_at=base + 1,
+    )
+    producer.send(RECOMMENDATIONS, b"bob", encode(rec))
+    builder.consumer.subscribe(
+        [CLICKSTREAM, RECOMMENDATIONS], on_assign=builder._on_assign, on_revoke=builder._on_revoke
+    )
+    while builder.poll_once(timeout_s=0.05):  # the slate is joined before the feedback arrives
+        pass
+    # bob clicks and carts the second slot, then comes back after the 30-minute window closed.
+    producer.send(CLICKSTREAM, b"bob", encode(view("e2", "bob", base + 5_000, "i9", "click", rec_id="r1")))
+    producer.send(
+        CLICKSTREAM, b"bob", encode(view("e3", "bob", base + 9_000, "i9", "add_to_cart", rec_id="r1"))
+    )
+    producer.send(CLICKSTREAM, b"bob", encode(view("e4", "bob", base + 40 * 60_000, "i1")))
+    while builder.poll_once(timeout_s=0.05):
+        pass
+    metrics = builder.metrics
+    assert metrics.attribution.labels("dqn", "clicked")._value.get() == 1
+    # No recommendation opportunity (a view) inside the window: the other slot expired.
+    assert metrics.attribution.labels("dqn", "not_clicked")._value.get() == 0
+    assert metrics.attribution.labels("dqn", "expired")._value.get() == 1
+    assert metrics.reward.labels("dqn")._value.get() == 4.0  # click 1 + add_to_cart 3
+    builder.close()

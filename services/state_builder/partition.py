@@ -37,15 +37,21 @@ class Emitted:
     transitions: list[Transition] = field(default_factory=list)
     tombstones: list[str] = field(default_factory=list)
     outcomes: dict[str, int] = field(default_factory=dict)
-    attribution: dict[str, int] = field(default_factory=dict)
+    attribution: dict[tuple[str, str], int] = field(default_factory=dict)  # (policy, outcome) -> slots
+    reward_by_policy: dict[str, float] = field(default_factory=dict)
     events_by_type: dict[str, int] = field(default_factory=dict)
     state_record_times: dict[str, int] = field(default_factory=dict)  # source event id -> Kafka record time
 
     def _absorb(self, outputs: Outputs) -> None:
         self.transitions.extend(outputs.transitions)
         self.outcomes[outputs.outcome] = self.outcomes.get(outputs.outcome, 0) + 1
-        for outcome in outputs.attribution:
-            self.attribution[outcome] = self.attribution.get(outcome, 0) + 1
+        # Attribution outcomes come one per recommendation transition, in transition order.
+        closed = [t for t in outputs.transitions if t.source == "recommendation"]
+        for transition, outcome in zip(closed, outputs.attribution, strict=True):
+            policy = transition.policy or "unknown"
+            key = (policy, outcome)
+            self.attribution[key] = self.attribution.get(key, 0) + 1
+            self.reward_by_policy[policy] = self.reward_by_policy.get(policy, 0.0) + transition.r_t
 
 
 class PartitionState:

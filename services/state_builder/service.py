@@ -107,8 +107,14 @@ class StateBuilderMetrics(ProcessMetrics):
         )
         self.attribution = Counter(
             "qrec_state_builder_attribution_total",
-            "Recommended slots closed, by outcome (clicked, not_clicked, expired)",
-            ["outcome"],
+            "Recommended slots closed, by the recommending policy and outcome (clicked, not_clicked, expired)",
+            ["policy", "outcome"],
+            registry=registry,
+        )
+        self.reward = Counter(
+            "qrec_state_builder_reward_total",
+            "Reward attributed to recommended slots (weighted feedback), by the recommending policy",
+            ["policy"],
             registry=registry,
         )
         self.tombstones = Counter(
@@ -349,8 +355,10 @@ class StateBuilder:
                 self.metrics.skipped.labels(outcome).inc(count)
             elif outcome == "late":
                 self.metrics.late.inc(count)
-        for outcome, count in emitted.attribution.items():
-            self.metrics.attribution.labels(outcome).inc(count)
+        for (policy, outcome), count in emitted.attribution.items():
+            self.metrics.attribution.labels(policy, outcome).inc(count)
+        for policy, reward in emitted.reward_by_policy.items():
+            self.metrics.reward.labels(policy).inc(reward)
         self.metrics.state_updates.inc(len(emitted.states))
         self.stats.states += len(emitted.states)
         self.stats.transitions += len(emitted.transitions)
