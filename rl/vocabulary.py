@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -162,3 +163,85 @@ class Vocabulary:
             raise ValueError("malformed vocabulary bytes: an index lies outside the assigned range")
         if not FIRST_ITEM_INDEX <= self._next_fresh_index <= self.num_actions:
             raise ValueError("malformed vocabulary bytes: next_fresh_index out of range")
+
+
+ITEM_GROUPS_FORMAT_VERSION = 1
+
+
+class ItemGroups:
+    """Which group (category or brand) each item belongs to, with how often the item was acted on.
+
+    A learner whose actions are categories or brands reads the user's recent items through this map,
+    so the window and the action side share one embedding table of groups. An item's group is the
+    one last reported for it (catalogues get re-categorised); its count is the number of times it was
+    reported, the popularity the serving side ranks an action group's items by. Bounded: past
+    `capacity` items the least recently reported one is forgotten.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        # item id -> [group id, count], least recently reported first.
+        self._items: OrderedDict[str, list[Any]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self._items
+
+    def observe(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """Record (item id, group id) pairs in order: the group is updated and the count grows by one."""
+        items = self._items
+        for item_id, group_id in pairs:
+            entry = items.pop(item_id, None)
+            items[item_id] = [group_id, 1 if entry is None else entry[1] + 1]
+            if len(items) > self.capacity:
+                items.popitem(last=False)
+
+    def group_of(self, item_id: str) -> str | None:
+        """The item's group, or None when the item was never reported (or was forgotten)."""
+        entry = self._items.get(item_id)
+        return None if entry is None else str(entry[0])
+
+    def groups_for(self, item_ids: Sequence[str]) -> list[str | None]:
+        """`group_of` for each id, in order."""
+        items = self._items
+        return [None if (entry := items.get(item_id)) is None else entry[0] for item_id in item_ids]
+
+    def count(self, item_id: str) -> int:
+        """How many times the item was reported (0 when unknown)."""
+        entry = self._items.get(item_id)
+        return 0 if entry is None else int(entry[1])
+
+    def entries(self) -> list[tuple[str, str, int]]:
+        """(item id, group id, count) for every item, least recently reported first."""
+        return [(item_id, group, count) for item_id, (group, count) in self._items.items()]
+
+    def to_bytes(self) -> bytes:
+        """Deterministic JSON: equal maps (including recency order) give equal bytes."""
+        state = {
+            "format_version": ITEM_GROUPS_FORMAT_VERSION,
+            "capacity": self.capacity,
+            "items": [[item_id, group, count] for item_id, (group, count) in self._items.items()],
+        }
+        return json.dumps(state, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ItemGroups:
+        """Rebuild from `to_bytes` output; malformed data raises ValueError."""
+        try:
+            state = json.loads(data.decode("utf-8"))
+            if state.get("format_version") != ITEM_GROUPS_FORMAT_VERSION:
+                raise ValueError(f"unsupported item groups format_version {state.get('format_version')!r}")
+            groups = cls(int(state["capacity"]))
+            for item_id, group, count in state["items"]:
+                if not isinstance(item_id, str) or not isinstance(group, str) or int(count) < 1:
+                    raise ValueError(f"bad entry {[item_id, group, count]!r}")
+                groups._items[item_id] = [group, int(count)]
+        except (KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            raise ValueError(f"malformed item groups bytes: {e}") from e
+        if len(groups._items) > groups.capacity:
+            raise ValueError("malformed item groups bytes: more items than the capacity")
+        return groups

@@ -14,6 +14,7 @@ import msgspec
 
 from schemas.messages import (
     EVENT_TYPES,
+    CatalogueItem,
     ClickEvent,
     DeadLetter,
     ModelUpdate,
@@ -141,6 +142,7 @@ RECOMMENDATIONS: Codec[Recommendation] = Codec(Recommendation)
 TRANSITIONS: Codec[Transition] = Codec(Transition)
 MODEL_UPDATES: Codec[ModelUpdate] = Codec(ModelUpdate)  # type: ignore[arg-type]
 DEAD_LETTERS: Codec[DeadLetter] = Codec(DeadLetter)
+CATALOGUE_ITEMS: Codec[CatalogueItem] = Codec(CatalogueItem)
 
 _ENCODER = msgspec.json.Encoder()
 

@@ -130,6 +130,8 @@ class Transition(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_d
     propensity: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
     model_version: Annotated[int, msgspec.Meta(ge=0)] | None = None
     policy: Id | None = None
+    a_tm1_category: Id | None = None
+    a_tm1_brand: Id | None = None
 
 
 class ModelUpdateHeader(
@@ -179,13 +181,22 @@ class DeadLetter(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_d
     source_line: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
+class CatalogueItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Whether a catalogue item may be recommended, as the shop publishes it (latest per item_id)."""
+
+    item_id: Id
+    available: bool
+    timestamp: Millis
+
+
 # Schema name (folder under schemas/json) and current version of each message type.
 SCHEMA_VERSIONS: dict[str, tuple[str, type]] = {
     "click_event": ("1-0-0", ClickEvent),
     "user_state": ("1-0-0", UserState),
     "recommendation": ("1-0-0", Recommendation),
-    "transition": ("1-0-0", Transition),
+    "transition": ("1-0-1", Transition),
     "model_update_header": ("1-0-0", ModelUpdateHeader),
     "model_update_chunk": ("1-0-0", ModelUpdateChunk),
     "dead_letter": ("1-0-0", DeadLetter),
+    "catalogue_item": ("1-0-0", CatalogueItem),
 }

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from schemas.codec import (
+    CATALOGUE_ITEMS,
     CLICK_EVENTS,
     DEAD_LETTERS,
     DEFAULT_MAX_EVENT_BYTES,
@@ -25,6 +26,7 @@ from schemas.codec import (
     to_builtins,
 )
 from schemas.messages import (
+    CatalogueItem,
     ClickEvent,
     DeadLetter,
     ModelUpdateChunk,
@@ -411,6 +413,7 @@ MESSAGES: list[tuple[Codec[Any], Any]] = [
             source_line=1,
         ),
     ),
+    (CATALOGUE_ITEMS, CatalogueItem("sku-1", False, 1718012345678)),
 ]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rl.vocabulary import Vocabulary
+from rl.vocabulary import ItemGroups, Vocabulary
 
 
 def test_growth_and_lookup() -> None:
@@ -99,3 +99,40 @@ def test_invalid_arguments() -> None:
         Vocabulary(capacity=0)
     with pytest.raises(ValueError):
         Vocabulary(capacity=2, min_count=0)
+
+
+def test_item_groups_keep_the_latest_group_and_count_reports() -> None:
+    groups = ItemGroups(capacity=3)
+    groups.observe([("i1", "shoes"), ("i2", "hats"), ("i1", "shoes")])
+    assert groups.group_of("i1") == "shoes" and groups.count("i1") == 2
+    assert groups.groups_for(["i2", "nope", "i1"]) == ["hats", None, "shoes"]
+    groups.observe([("i2", "caps")])  # re-categorised: the latest group wins, the count goes on
+    assert groups.group_of("i2") == "caps" and groups.count("i2") == 2
+    assert groups.entries() == [("i1", "shoes", 2), ("i2", "caps", 2)]
+    assert len(groups) == 2 and "i1" in groups and "nope" not in groups and groups.count("nope") == 0
+
+
+def test_item_groups_forget_the_least_recently_reported_item_past_capacity() -> None:
+    groups = ItemGroups(capacity=2)
+    groups.observe([("a", "x"), ("b", "y"), ("a", "x"), ("c", "z")])
+    assert groups.entries() == [("a", "x", 2), ("c", "z", 1)]
+    assert groups.group_of("b") is None
+
+
+def test_item_groups_bytes_round_trip_and_reject_malformed_bytes() -> None:
+    groups = ItemGroups(capacity=5)
+    groups.observe([("é", "Schuhe"), ("b", "y"), ("é", "Schuhe")])
+    data = groups.to_bytes()
+    assert data == b'{"format_version":1,"capacity":5,"items":[["b","y",1],["\xc3\xa9","Schuhe",2]]}'
+    restored = ItemGroups.from_bytes(data)
+    assert restored.to_bytes() == data and restored.capacity == 5
+    with pytest.raises(ValueError):
+        ItemGroups.from_bytes(b"[]")
+    with pytest.raises(ValueError, match="format_version"):
+        ItemGroups.from_bytes(b'{"format_version":2,"capacity":1,"items":[]}')
+    with pytest.raises(ValueError, match="capacity"):
+        ItemGroups.from_bytes(b'{"format_version":1,"capacity":1,"items":[["a","x",1],["b","x",1]]}')
+    with pytest.raises(ValueError, match="bad entry"):
+        ItemGroups.from_bytes(b'{"format_version":1,"capacity":1,"items":[["a",7,1]]}')
+    with pytest.raises(ValueError):
+        ItemGroups(capacity=0)

@@ -22,6 +22,7 @@ from jsonschema import Draft202012Validator
 
 import schemas
 from schemas.codec import (
+    CATALOGUE_ITEMS,
     CLICK_EVENTS,
     DEAD_LETTERS,
     MODEL_UPDATES,
@@ -35,6 +36,7 @@ from schemas.codec import (
 from schemas.messages import (
     EVENT_TYPES,
     SCHEMA_VERSIONS,
+    CatalogueItem,
     ClickEvent,
     DeadLetter,
     ModelUpdateChunk,
@@ -57,6 +59,7 @@ CODECS: dict[type, Codec[Any]] = {
     ModelUpdateHeader: MODEL_UPDATES,
     ModelUpdateChunk: MODEL_UPDATES,
     DeadLetter: DEAD_LETTERS,
+    CatalogueItem: CATALOGUE_ITEMS,
 }
 
 # Every schema file on disk (not only the current versions), so an old version is checked too.

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from services.config import BusConfig, ConfigError, register, setting
 from services.topics import DEAD_LETTER, MODEL, TRANSITIONS
 
+# What one action of the model is: an item, or the category or brand of the item acted on.
+ACTION_GRANULARITIES = ("item", "category", "brand")
+
 
 @dataclass(frozen=True, kw_only=True)
 class ModelSettings:
@@ -33,6 +36,16 @@ class ModelSettings:
     replay_capacity: int = setting(200000, help="transitions kept in the replay buffer")
     prioritized: bool = setting(False, help="prioritized replay instead of uniform")
     seed: int = setting(0, help="random seed")
+    action_granularity: str = setting(
+        "item",
+        help="what an action is: item (the model scores items), category or brand (it scores the "
+        "categories or brands of the items acted on; transitions without one are skipped)",
+    )
+    item_groups_capacity: int = setting(
+        100000,
+        help="with category/brand actions: items whose category/brand is remembered, to read the "
+        "user's recent items as categories/brands (least recent forgotten)",
+    )
 
     def hidden(self) -> tuple[int, ...]:
         try:
@@ -49,7 +62,19 @@ class ModelSettings:
         self.hidden()
         if self.target_update not in ("periodic", "polyak"):
             raise ConfigError(f"target_update must be periodic or polyak, got {self.target_update!r}")
-        for name in ("window", "vocabulary_capacity", "batch_size", "updates_per_call", "replay_capacity"):
+        if self.action_granularity not in ACTION_GRANULARITIES:
+            raise ConfigError(
+                f"action_granularity must be one of {', '.join(ACTION_GRANULARITIES)}, "
+                f"got {self.action_granularity!r}"
+            )
+        for name in (
+            "window",
+            "vocabulary_capacity",
+            "batch_size",
+            "updates_per_call",
+            "replay_capacity",
+            "item_groups_capacity",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -64,6 +89,11 @@ class LearnerServiceConfig(ModelSettings, BusConfig):
     model_topic: str = setting(MODEL, help="topic models are published to")
     dead_letter_topic: str = setting(DEAD_LETTER, help="topic for transitions that cannot be used")
     checkpoint_dir: str = setting(".qrec/learner", help="folder for checkpoints (resumed from on restart)")
+    keep_models: int = setting(
+        3,
+        help="published versions kept beside the checkpoint (CHECKPOINT_DIR.history) for `qrec rollback`; "
+        "0 keeps none",
+    )
     replay_ratio: float = setting(
         4.0, help="times each consumed transition is replayed on average (sampled per consumed)"
     )
@@ -83,10 +113,17 @@ class LearnerServiceConfig(ModelSettings, BusConfig):
 
 @register("train")
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig(ModelSettings):
-    """Trains the DQN offline from a recorded log's logged behaviour."""
+class TrainConfig(ModelSettings, BusConfig):
+    """Trains the DQN offline from a recorded log's logged behaviour or from the transitions topic."""
 
-    from_log: str = setting(help="log file to learn from (any format `qrec replay` reads)")
+    from_log: str | None = setting(
+        None, help="log file to learn from (any format `qrec replay` reads); or use --from-topic"
+    )
+    from_topic: str | None = setting(
+        None,
+        help="transitions topic to learn from instead of a log (e.g. qrec.transitions.v1 on "
+        "--bootstrap-servers), read from the beginning to its end when training starts",
+    )
     format: str = setting("auto", help="log layout (see qrec replay --help)")
     out: str = setting("out/train", help="folder for the model, checkpoint, learning curve and summary")
     steps: int = setting(2000, help="updates to run")
@@ -95,6 +132,9 @@ class TrainConfig(ModelSettings):
     progress: bool = setting(True, help="show a progress bar (only on a terminal)")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.check()
+        if (self.from_log is None) == (self.from_topic is None):
+            raise ConfigError("give exactly one of --from-log LOG or --from-topic TOPIC")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise ConfigError(f"holdout_fraction must be between 0 and 1, got {self.holdout_fraction}")

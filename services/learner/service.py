@@ -22,11 +22,12 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from rl.vocabulary import ItemGroups
 from schemas.codec import TRANSITIONS, DecodeError
 from schemas.messages import Transition
 from services.bus.base import Bus, Consumer, Record, TopicPartition
 from services.dead_letter import DeadLetterSink, dead_letter
-from services.learner.config import LearnerServiceConfig
+from services.learner.config import LearnerServiceConfig, ModelSettings
 from services.learner.trainer import MODEL_ENCODING, Trainer
 from services.metrics import ProcessMetrics
 from services.model_topic import publish_model
@@ -52,6 +53,12 @@ class LearnerMetrics(ProcessMetrics):
             "Transitions dropped because their id was already learned",
             registry=registry,
         )
+        self.unusable = Counter(
+            "qrec_learner_unusable_transitions_total",
+            "Transitions skipped because they lack the action at the model's granularity",
+            ["reason"],
+            registry=registry,
+        )
         self.loss = Gauge(
             "qrec_learner_loss", "Mean training loss of the last fused updates", registry=registry
         )
@@ -73,7 +80,9 @@ class LearnerMetrics(ProcessMetrics):
             "qrec_learner_replay_size", "Transitions in the replay buffer", registry=registry
         )
         self.vocabulary_size = Gauge(
-            "qrec_learner_vocabulary_size", "Items with an action index", registry=registry
+            "qrec_learner_vocabulary_size",
+            "Actions (items, categories or brands) with an action index",
+            registry=registry,
         )
         self.model_version = Gauge(
             "qrec_learner_model_version", "Last published model version", registry=registry
@@ -92,6 +101,83 @@ class LearnerMetrics(ProcessMetrics):
             "When the last model was published",
             registry=registry,
         )
+
+
+def model_header_config(settings: ModelSettings) -> dict[str, Any]:
+    """What a model header's `config` tells readers before they fetch the bytes."""
+    return {
+        "gamma": settings.gamma,
+        "window": settings.window,
+        "feature_dim": FEATURE_DIM,
+        "action_granularity": settings.action_granularity,
+    }
+
+
+def write_checkpoint(
+    checkpoint_dir: Path,
+    trainer: Trainer,
+    *,
+    version: int,
+    learned: int,
+    transitions_topic: str,
+    offsets: dict[int, int],
+) -> None:
+    """Write a checkpoint the learner resumes from, atomically (a new folder renamed over the old one).
+
+    `offsets` are the next offsets to consume per partition of `transitions_topic`; `version` is the
+    last published model version (the next publish gets version + 1).
+    """
+    checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=checkpoint_dir.parent))
+    (staging / "state.msgpack").write_bytes(trainer.checkpoint_bytes())
+    (staging / "vocabulary.json").write_bytes(trainer.vocabulary.to_bytes())
+    (staging / "item_groups.json").write_bytes(trainer.item_groups.to_bytes())
+    (staging / "seen_ids.json").write_text(json.dumps(list(trainer.seen_ids)))
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "version": version,
+        "step": trainer.step,
+        "learned": learned,
+        "observed": trainer.observed,
+        "action_granularity": trainer.granularity,
+        "transitions_topic": transitions_topic,
+        "offsets": {str(partition): offset for partition, offset in sorted(offsets.items())},
+        "created_at": time.time(),
+    }
+    (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+    old = checkpoint_dir.with_name(checkpoint_dir.name + ".old")
+    if checkpoint_dir.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(checkpoint_dir, old)
+    os.replace(staging, checkpoint_dir)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def history_dir(checkpoint_dir: Path) -> Path:
+    """Where published versions are kept for `qrec rollback`: beside the checkpoint folder."""
+    return checkpoint_dir.with_name(checkpoint_dir.name + ".history")
+
+
+def archive_version(
+    checkpoint_dir: Path, version: int, keep: int, *, model: bytes, header: dict[str, Any]
+) -> None:
+    """Keep the checkpoint just written for `version` and the model bytes published as it (the
+    newest `keep` versions), so that `qrec rollback` can serve and resume from it again."""
+    history = history_dir(checkpoint_dir)
+    history.mkdir(parents=True, exist_ok=True)
+    target = history / f"v{version:08d}"
+    staging = Path(tempfile.mkdtemp(prefix=".archive-", dir=history))
+    shutil.copytree(checkpoint_dir, staging / "checkpoint")
+    (staging / "model.bin").write_bytes(model)
+    (staging / "header.json").write_text(json.dumps(header, indent=2))
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+    archived = sorted(p for p in history.iterdir() if p.is_dir() and p.name.startswith("v"))
+    for old in archived[:-keep]:
+        shutil.rmtree(old)
 
 
 class Learner:
@@ -142,15 +228,26 @@ class Learner:
                 f"checkpoint in {self.checkpoint_dir} is for another topic or format; "
                 "move it away or point --checkpoint-dir elsewhere"
             )
+        granularity = meta.get("action_granularity", "item")
+        if granularity != self.config.action_granularity:
+            raise RuntimeError(
+                f"checkpoint in {self.checkpoint_dir} has {granularity} actions, not "
+                f"{self.config.action_granularity}; pass --action-granularity {granularity} or point "
+                "--checkpoint-dir elsewhere"
+            )
+        groups_path = self.checkpoint_dir / "item_groups.json"
         self.trainer.restore(
             (self.checkpoint_dir / "state.msgpack").read_bytes(),
             (self.checkpoint_dir / "vocabulary.json").read_bytes(),
             json.loads((self.checkpoint_dir / "seen_ids.json").read_text()),
             meta["observed"],
+            groups_path.read_bytes() if groups_path.is_file() else None,
         )
         self.version = meta["version"]
         self.learned = meta["learned"]
-        self.last_publish_step = self.trainer.step
+        # A checkpoint written by `qrec train --from-topic` (version 0) holds a model never published:
+        # counting its updates as unpublished gets it published like any other.
+        self.last_publish_step = self.trainer.step if self.version > 0 else 0
         self.offsets = {
             TopicPartition(self.config.transitions_topic, int(p)): o for p, o in meta["offsets"].items()
         }
@@ -186,53 +283,58 @@ class Learner:
                     batch.append(message)
             remaining = {tp for tp in remaining if self.consumer.position(tp) < self.offsets.get(tp, 0)}
         seen = self.trainer.seen_ids.copy()
+        unusable = self.trainer.unusable
+        # The checkpoint's item groups already counted these transitions: keep them as they were.
+        item_groups = self.trainer.item_groups
+        self.trainer.item_groups = ItemGroups.from_bytes(item_groups.to_bytes())
         self.trainer.seen_ids.clear()  # the buffer is refilled even with transitions already learned
         added = self.trainer.add(batch) if batch else 0
         self.trainer.seen_ids = seen
+        self.trainer.unusable = unusable  # counted when first consumed, not again
+        self.trainer.item_groups = item_groups
         return added
 
     def checkpoint(self) -> None:
         """Write the checkpoint atomically (a new folder renamed over the old one)."""
-        self.checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=self.checkpoint_dir.parent))
-        (staging / "state.msgpack").write_bytes(self.trainer.checkpoint_bytes())
-        (staging / "vocabulary.json").write_bytes(self.trainer.vocabulary.to_bytes())
-        (staging / "seen_ids.json").write_text(json.dumps(list(self.trainer.seen_ids)))
-        meta = {
-            "format": CHECKPOINT_FORMAT,
-            "version": self.version,
-            "step": self.trainer.step,
-            "learned": self.learned,
-            "observed": self.trainer.observed,
-            "transitions_topic": self.config.transitions_topic,
-            "offsets": {str(tp.partition): offset for tp, offset in self.offsets.items()},
-            "created_at": time.time(),
-        }
-        (staging / "meta.json").write_text(json.dumps(meta, indent=2))
-        old = self.checkpoint_dir.with_name(self.checkpoint_dir.name + ".old")
-        if self.checkpoint_dir.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(self.checkpoint_dir, old)
-        os.replace(staging, self.checkpoint_dir)
-        if old.exists():
-            shutil.rmtree(old)
+        write_checkpoint(
+            self.checkpoint_dir,
+            self.trainer,
+            version=self.version,
+            learned=self.learned,
+            transitions_topic=self.config.transitions_topic,
+            offsets={tp.partition: offset for tp, offset in self.offsets.items()},
+        )
 
     def publish(self) -> None:
         """Checkpoint, then publish the next model version, then commit consumed offsets."""
         started = time.monotonic()
         self.version += 1
         self.checkpoint()
+        data = self.trainer.bundle_bytes()
+        header_config = model_header_config(self.config)
         sent = publish_model(
             self.producer,
             self.config.model_topic,
             version=self.version,
             step=self.trainer.step,
-            data=self.trainer.bundle_bytes(),
+            data=data,
             encoding=MODEL_ENCODING,
             vocabulary_size=len(self.trainer.vocabulary),
-            config={"gamma": self.config.gamma, "window": self.config.window, "feature_dim": FEATURE_DIM},
+            config=header_config,
         )
+        if self.config.keep_models > 0:
+            archive_version(
+                self.checkpoint_dir,
+                self.version,
+                self.config.keep_models,
+                model=data,
+                header={
+                    "step": self.trainer.step,
+                    "vocabulary_size": len(self.trainer.vocabulary),
+                    "encoding": MODEL_ENCODING,
+                    "config": header_config,
+                },
+            )
         if self.offsets:
             self.consumer.commit(dict(self.offsets))
         self.last_publish_step = self.trainer.step
@@ -266,8 +368,12 @@ class Learner:
         records = self.consumer.poll(max_records=5000, timeout_s=timeout_s)
         if records:
             transitions = self._decode(records)
+            unusable_before = self.trainer.unusable
             added = self.trainer.add(transitions)
-            self.metrics.duplicates.inc(len(transitions) - added)
+            skipped = self.trainer.unusable - unusable_before
+            self.metrics.duplicates.inc(len(transitions) - added - skipped)
+            if skipped:
+                self.metrics.unusable.labels(f"no_{self.trainer.granularity}").inc(skipped)
             self.metrics.transitions.inc(added)
             self.learned += added
             for record in records:

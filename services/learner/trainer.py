@@ -1,26 +1,35 @@
 """The learner's core, shared by the streaming service and offline training: transitions in, updates out.
 
-It owns the vocabulary (raw item id -> action index), the replay buffer and the train state, and turns
+It owns the vocabulary (raw action id -> action index), the replay buffer and the train state, and turns
 Transition messages into arrays. It does no I/O; the service feeds it and publishes what it makes.
+
+Action granularity: with "item" an action is the item acted on (``a_tm1``); with "category" or "brand"
+it is that item's category or brand (``a_tm1_category`` / ``a_tm1_brand``), the vocabulary holds
+category (brand) ids, and the Q-head scores categories (brands). The user's recent items are then read
+as their categories (brands) too, through an `ItemGroups` map learned from the same transitions, so
+state and action share one embedding table. Transitions that lack the needed field are skipped and
+counted in `Trainer.unusable`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import jax
 import msgspec
 import numpy as np
 
-from rl.batch import ObsBatch, TransitionBatch, empty_obs_batch, event_type_indices
-from rl.networks import NetworkConfig, QNetwork
+from rl.batch import OOV_INDEX, ObsBatch, TransitionBatch, empty_obs_batch, event_type_indices
+from rl.networks import NetworkConfig, QNetwork, q_values
 from rl.replay import ReplayBuffer
 from rl.serialize import ENCODING, tree_from_bytes, tree_to_bytes
 from rl.train import LearnerConfig, TrainState, create_train_state, reset_action_rows, update_many
-from rl.vocabulary import Vocabulary
+from rl.value_learning import double_q_learning, q_learning
+from rl.vocabulary import ItemGroups, Vocabulary
 from schemas.messages import Observation, Transition
 from services.learner.config import ModelSettings
 
@@ -36,6 +45,10 @@ class ModelBundle(msgspec.Struct, frozen=True):
     feature_dim: int
     params: bytes
     vocabulary: bytes
+    granularity: str = "item"
+    """What an action index stands for: "item", "category" or "brand"."""
+    item_groups: bytes = b""
+    """For category/brand models: `ItemGroups.to_bytes` (item -> group and popularity); else empty."""
 
 
 def network_config_for(settings: ModelSettings) -> NetworkConfig:
@@ -62,6 +75,16 @@ def learner_config_for(settings: ModelSettings) -> LearnerConfig:
     )
 
 
+# The Transition field that names the action at each granularity.
+ACTION_FIELDS = {"item": "a_tm1", "category": "a_tm1_category", "brand": "a_tm1_brand"}
+
+
+def action_id(transition: Transition, granularity: str) -> str | None:
+    """The raw action id of a transition at a granularity (None when the transition lacks it)."""
+    value: str | None = getattr(transition, ACTION_FIELDS[granularity])
+    return value
+
+
 @dataclass
 class UpdateMetrics:
     """Means over the updates of one fused call."""
@@ -84,6 +107,14 @@ class Trainer:
         self.learner_config = learner_config_for(settings)
         self.network = QNetwork(self.network_config)
         self.vocabulary = Vocabulary(settings.vocabulary_capacity, settings.vocabulary_min_count)
+        self.granularity = settings.action_granularity
+        if self.granularity not in ACTION_FIELDS:
+            raise ValueError(
+                f"action_granularity must be one of {', '.join(ACTION_FIELDS)}, got {self.granularity!r}"
+            )
+        self.item_groups = ItemGroups(settings.item_groups_capacity)
+        # Fresh transitions skipped because they lack their action at this granularity (cumulative).
+        self.unusable = 0
         self.buffer = ReplayBuffer(
             settings.replay_capacity,
             window=self.window,
@@ -108,7 +139,7 @@ class Trainer:
         types = np.zeros((size, window), np.int32)  # (B, W)
         gaps = np.zeros((size, window), np.float32)  # (B, W)
         features = np.zeros((size, dim), np.float32)  # (B, D)
-        lookup = self.vocabulary.lookup
+        lookup = self.vocabulary.lookup if self.granularity == "item" else self._group_lookup
         for row, obs in enumerate(observations):
             if len(obs.features) != dim:
                 raise ValueError(f"observation has {len(obs.features)} features, the model expects {dim}")
@@ -121,8 +152,24 @@ class Trainer:
                 gaps[row, window - n :] = np.log1p(np.asarray(obs.recent_gaps_seconds[-n:], np.float32))
         return ObsBatch(items=items, event_types=types, gaps=gaps, features=features)
 
+    def _group_lookup(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Action indices of the items' groups, (n,) int32; an item of unknown group is OOV."""
+        groups = self.item_groups.groups_for(item_ids)
+        indices = self.vocabulary.lookup([group or "" for group in groups])  # (n,)
+        return np.where([group is None for group in groups], OOV_INDEX, indices).astype(np.int32)
+
+    def window_ids(self, recent_items: Sequence[str]) -> list[str]:
+        """The raw action ids a window of recent items reads as (unknown groups left out)."""
+        if self.granularity == "item":
+            return list(recent_items)
+        return [group for group in self.item_groups.groups_for(recent_items) if group is not None]
+
     def add(self, transitions: Sequence[Transition]) -> int:
-        """Drop already-seen transition ids, grow the vocabulary, fill the buffer; returns the new count."""
+        """Drop already-seen transition ids, grow the vocabulary, fill the buffer; returns the new count.
+
+        The count is of transitions put into the buffer: new ids without their action at this
+        granularity are skipped (`unusable`), so duplicates = len(transitions) - added - skipped.
+        """
         fresh = []
         for transition in transitions:
             if transition.transition_id in self.seen_ids:
@@ -131,13 +178,19 @@ class Trainer:
             fresh.append(transition)
         while len(self.seen_ids) > getattr(self.settings, "dedupe_ids", 200_000):
             self.seen_ids.popitem(last=False)
+        if self.granularity != "item":
+            usable = [t for t in fresh if action_id(t, self.granularity) is not None]
+            self.unusable += len(fresh) - len(usable)
+            fresh = usable
+            # Before any window is read: an item acted on in this batch may sit in a later window.
+            self.item_groups.observe((t.a_tm1, cast(str, action_id(t, self.granularity))) for t in fresh)
         if not fresh:
             return 0
         self.observed += len(fresh)
         ids: list[str] = []
         for transition in fresh:
-            ids.append(transition.a_tm1)
-            ids.extend(transition.obs_tm1.recent_items[-self.window :])
+            ids.append(cast(str, action_id(transition, self.granularity)))
+            ids.extend(self.window_ids(transition.obs_tm1.recent_items[-self.window :]))
         reused = self.vocabulary.observe(ids, self.observed)
         if reused:
             self._key, key = jax.random.split(self._key)
@@ -151,7 +204,7 @@ class Trainer:
         obs_t = self._obs_arrays([t.obs_t for t in transitions])
         return TransitionBatch(
             obs_tm1=obs_tm1,
-            a_tm1=self.vocabulary.lookup([t.a_tm1 for t in transitions]),
+            a_tm1=self.vocabulary.lookup([action_id(t, self.granularity) or "" for t in transitions]),
             r_t=np.asarray([t.r_t for t in transitions], np.float32),
             discount_t=np.asarray([0.0 if t.done else 1.0 for t in transitions], np.float32),
             obs_t=obs_t,
@@ -193,19 +246,26 @@ class Trainer:
         return np.abs(self.evaluate_td(flat))
 
     def evaluate_td(self, batch: TransitionBatch) -> np.ndarray:
-        """TD errors of a batch under the current online and target parameters (no update)."""
-        from rl.value_learning import double_q_learning, q_learning
+        """TD errors of a batch under the current online and target parameters (no update), (B,)."""
+        size = int(np.shape(batch.a_tm1)[0])
+        if size == 0:
+            return np.zeros((0,), np.float32)
+        # Padded to a power of two, so evaluations of varying sizes reuse a few compiled shapes.
+        padded = max(8, 1 << max(0, size - 1).bit_length())
 
-        gamma = self.learner_config.gamma
-        q_tm1: Any = self.network.apply(self.state.params, batch.obs_tm1)  # (B, A)
-        q_t: Any = self.network.apply(self.state.target_params, batch.obs_t)  # (B, A)
-        discount: Any = gamma * np.asarray(batch.discount_t)  # (B,)
-        if self.learner_config.double_dqn:
-            selector: Any = self.network.apply(self.state.params, batch.obs_t)  # (B, A)
-            errors = jax.vmap(double_q_learning)(q_tm1, batch.a_tm1, batch.r_t, discount, q_t, selector)
-        else:
-            errors = jax.vmap(q_learning)(q_tm1, batch.a_tm1, batch.r_t, discount, q_t)
-        return np.asarray(errors)
+        def pad(leaf: Any) -> np.ndarray:
+            array = np.asarray(leaf)
+            return np.pad(array, [(0, padded - size)] + [(0, 0)] * (array.ndim - 1), mode="edge")
+
+        errors = td_errors(
+            self.state.params,
+            self.state.target_params,
+            jax.tree.map(pad, batch),
+            network=self.network,
+            gamma=self.learner_config.gamma,
+            double_dqn=self.learner_config.double_dqn,
+        )
+        return np.asarray(errors)[:size]
 
     @property
     def step(self) -> int:
@@ -226,6 +286,8 @@ class Trainer:
             feature_dim=self.feature_dim,
             params=tree_to_bytes(self.state.params),
             vocabulary=self.vocabulary.to_bytes(),
+            granularity=self.granularity,
+            item_groups=b"" if self.granularity == "item" else self.item_groups.to_bytes(),
         )
         return msgspec.msgpack.encode(bundle)
 
@@ -233,12 +295,39 @@ class Trainer:
         return tree_to_bytes(self.state)
 
     def restore(
-        self, state_bytes: bytes, vocabulary_bytes: bytes, seen_ids: list[str], observed: int
+        self,
+        state_bytes: bytes,
+        vocabulary_bytes: bytes,
+        seen_ids: list[str],
+        observed: int,
+        item_groups_bytes: bytes | None = None,
     ) -> None:
         self.state = tree_from_bytes(self.state, state_bytes)
         self.vocabulary = Vocabulary.from_bytes(vocabulary_bytes)
         self.seen_ids = OrderedDict.fromkeys(seen_ids)
         self.observed = observed
+        if item_groups_bytes:
+            self.item_groups = ItemGroups.from_bytes(item_groups_bytes)
+
+
+@functools.partial(jax.jit, static_argnames=("network", "gamma", "double_dqn"))
+def td_errors(
+    params: Any,
+    target_params: Any,
+    batch: TransitionBatch,
+    *,
+    network: QNetwork,
+    gamma: float,
+    double_dqn: bool,
+) -> jax.Array:
+    """TD errors (B,) of a batch: targets from `target_params` (action chosen by `params` if double)."""
+    q_tm1 = q_values(network, params, batch.obs_tm1)  # (B, A)
+    q_t = q_values(network, target_params, batch.obs_t)  # (B, A)
+    discount = gamma * batch.discount_t  # (B,)
+    if double_dqn:
+        selector = q_values(network, params, batch.obs_t)  # (B, A)
+        return jax.vmap(double_q_learning)(q_tm1, batch.a_tm1, batch.r_t, discount, q_t, selector)
+    return jax.vmap(q_learning)(q_tm1, batch.a_tm1, batch.r_t, discount, q_t)
 
 
 def load_bundle(data: bytes) -> tuple[NetworkConfig, ModelBundle]:

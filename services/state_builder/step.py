@@ -85,7 +85,8 @@ Each event with an item, other than rec_request, is an action of the logging pol
 ``obs_tm1`` = observation before the event, ``a_tm1`` = the item, ``r_t`` =
 ``logged_reward_weights[event_type]`` (0 when absent), ``obs_t`` = observation after the event,
 ``transition_id = "logged:<event_id>"``, ``source = "logged"``, ``policy = "logged"``,
-``timestamp`` = event time. Its ``done`` is not known yet, so it waits in
+``timestamp`` = event time, ``a_tm1_category`` / ``a_tm1_brand`` = the event's category and brand
+(absent when the event has none). Its ``done`` is not known yet, so it waits in
 ``UserRecord.pending_logged`` and is emitted when the user's next event arrives (``done`` = that event
 starts a new session) or when a timer ends the session (``done=True``).
 
@@ -793,6 +794,8 @@ def apply_event(
             done=False,
             timestamp=t,
             policy="logged",
+            a_tm1_category=event.category,
+            a_tm1_brand=event.brand,
         )
 
     keep_ids = params.recent_event_ids
