@@ -10,6 +10,9 @@ USER_STATE = "qrec.user-state.v1"
 TRANSITIONS = "qrec.transitions.v1"
 MODEL = "qrec.model.v1"
 DEAD_LETTER = "qrec.dead-letter.v1"
+# Optional: item availability from the shop (CatalogueItem, key item_id), read by actors with
+# --catalogue-topic.
+CATALOGUE = "qrec.catalogue.v1"
 
 # Model chunks are up to 1 MiB of base64; give the model topic head-room above Kafka's ~1 MB default.
 MODEL_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
@@ -31,4 +34,6 @@ def topic_specs(partitions: int = 6) -> list[TopicSpec]:
             {**compacted, "max.message.bytes": str(MODEL_MAX_MESSAGE_BYTES), "cleanup.policy": "compact"},
         ),
         TopicSpec(DEAD_LETTER, 1, {"retention.ms": str(30 * 24 * 3600 * 1000)}),
+        # Every actor reads the whole catalogue; one partition keeps that a single sequential read.
+        TopicSpec(CATALOGUE, 1, dict(compacted)),
     ]

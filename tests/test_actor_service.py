@@ -57,7 +57,7 @@ def test_policy_split_is_stable_and_close_to_its_shares() -> None:
     assert [other.policy_for(u) for u in users] != first, "a new salt reshuffles the groups"
 
 
-@pytest.mark.parametrize("text", ["dqn=0.5", "dqn=0.5,bandit=0.5", "dqn=x,random=1", "dqn=1.2,random=-0.2"])
+@pytest.mark.parametrize("text", ["dqn=0.5", "dqn=0.5,greedy=0.5", "dqn=x,random=1", "dqn=1.2,random=-0.2"])
 def test_bad_policy_splits_are_refused(text: str) -> None:
     with pytest.raises(ConfigError):
         parse_split(text, "s")

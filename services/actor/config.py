@@ -6,7 +6,10 @@ from dataclasses import dataclass
 
 from services.actor.step import parse_split
 from services.config import BusConfig, ConfigError, register, setting
+from services.learner.tabular import TABULAR_MODEL
 from services.topics import DEAD_LETTER, MODEL, RECOMMENDATIONS, USER_STATE
+
+BANDIT_MODEL = "qrec.model.bandit.v1"
 
 
 @register("actor")
@@ -17,15 +20,25 @@ class ActorConfig(BusConfig):
     group_id: str = setting("qrec-actor", help="consumer group shared by all actor processes")
     user_state_topic: str = setting(USER_STATE, help="topic of UserState updates")
     model_topic: str = setting(MODEL, help="topic the learner publishes models to")
+    bandit_model_topic: str = setting(
+        BANDIT_MODEL, help="topic of the myopic bandit's models (a learner run with --gamma 0)"
+    )
+    tabular_model_topic: str = setting(TABULAR_MODEL, help="topic of the tabular Q baseline's tables")
     recommendations_topic: str = setting(RECOMMENDATIONS, help="topic recommendations are published to")
     dead_letter_topic: str = setting(DEAD_LETTER, help="topic for input that cannot be used")
+    catalogue_topic: str | None = setting(
+        None,
+        help="compacted topic of CatalogueItem records (key item_id), e.g. qrec.catalogue.v1: items "
+        "marked unavailable or deleted are never recommended (unset: no catalogue)",
+    )
     slate_size: int = setting(10, help="items per recommendation (k)")
     exploration: str = setting("epsilon", help="exploration per slate position: epsilon (greedy) or softmax")
     epsilon: float = setting(0.1, help="probability of a uniformly random item at each position")
     temperature: float = setting(1.0, help="softmax temperature with --exploration softmax")
     policies: str = setting(
         "dqn=0.8,popularity=0.1,random=0.1",
-        help="A/B split by stable user hash: policy=share,... (policies: dqn, popularity, random)",
+        help="A/B split by stable user hash: policy=share,... (policies: dqn, popularity, random, "
+        "bandit, tabular_q; oracle only in qrec demo)",
     )
     split_salt: str = setting("qrec-ab-1", help="salt of the user hash: change it to reshuffle the groups")
     opportunity_types: str = setting("view,rec_request", help="event types that ask for a recommendation")

@@ -14,18 +14,22 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from rl.tabular import TabularModel, category_slate, state_index
 from schemas.codec import USER_STATES, DecodeError, encode
 from schemas.messages import Recommendation, RecommendedItem, UserState
+from services.actor.catalogue import Catalogue
 from services.actor.config import ActorConfig
+from services.actor.granularity import items_for_groups
 from services.actor.model import LiveModel, score_and_select, select_slates
-from services.actor.step import COLD_START, Popularity, allowed_mask, event_key, parse_split
-from services.bus.base import Bus, BusError, Record, TopicPartition
+from services.actor.step import COLD_START, Popularity, event_key, parse_split
+from services.bus.base import Bus, BusError, Consumer, Record, TopicPartition, TopicSpec
+from services.config import ConfigError
 from services.dead_letter import DeadLetterSink, dead_letter
 from services.metrics import ConsumerLag, ProcessMetrics, next_offsets
 from services.model_topic import ModelAssembler
@@ -37,6 +41,8 @@ SCHEMA_HEADER = ("qrec-schema", b"recommendation/1-0-0")
 LAST_SLATES = 100_000  # users whose previous slate is remembered for --mask-shown
 # Batches are padded to one of a few sizes so that the compiled scorer is built a few times, not per size.
 BATCH_BUCKETS = (8, 64, 512)
+RERANK_EVENTS = 200  # popularity candidates are re-ranked after this many new events...
+RERANK_SECONDS = 1.0  # ...or this long after the last ranking, whichever comes first
 
 
 def bucket(size: int) -> int:
@@ -94,6 +100,20 @@ class ActorMetrics(ProcessMetrics):
             buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000),
             registry=registry,
         )
+        self.catalogue_records = Counter(
+            "qrec_actor_catalogue_records_total",
+            "Catalogue records applied (unusable ones go to the dead-letter topic instead)",
+            registry=registry,
+        )
+        self.catalogue_unavailable = Gauge(
+            "qrec_actor_catalogue_unavailable_items",
+            "Items the catalogue marks unavailable or deleted (never recommended)",
+            registry=registry,
+        )
+
+
+ExternalPolicy = Callable[[UserState, list[str], int], list[str]]
+"""(state, blocked item ids, k) -> up to k item ids, best first: a policy served from outside the actor."""
 
 
 class Actor:
@@ -106,6 +126,7 @@ class Actor:
         registry: CollectorRegistry | None = None,
         *,
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        external_policies: Mapping[str, ExternalPolicy] | None = None,
     ) -> None:
         self.config = config
         self.bus = bus
@@ -116,6 +137,11 @@ class Actor:
         self.split = parse_split(config.policies, config.split_salt)
         self.opportunities = {t.strip() for t in config.opportunity_types.split(",") if t.strip()}
         self.popularity = Popularity(config.popularity_half_life_events)
+        # Ranking every item seen takes milliseconds (tens of thousands of items); the candidates are
+        # re-ranked once enough new events arrived or enough time passed, not for every batch.
+        self._popular: tuple[list[str], np.ndarray] | None = None
+        self._popular_observed = 0  # events observed since the last ranking
+        self._popular_at = 0.0  # time.monotonic() of the last ranking
         self.model: LiveModel | None = None
         self.assembler = ModelAssembler()
         self.last_slates: OrderedDict[str, list[str]] = OrderedDict()
@@ -128,6 +154,27 @@ class Actor:
         self.model_consumer.seek_to_beginning([model_tp])
         self.published = 0
         self.lag = ConsumerLag(self.metrics.registry, config.group_id)
+        self.catalogue: Catalogue | None = None
+        self.catalogue_consumer: Consumer | None = None
+        self._mask_cache: dict[tuple[int, int], tuple[Mapping[str, int], np.ndarray]] = {}
+        if config.catalogue_topic:
+            self._open_catalogue(config.catalogue_topic)
+        # The baselines' models, each read from its own topic like the DQN's.
+        self.external = dict(external_policies or {})
+        for name in self.split.names:
+            if name == "oracle" and name not in self.external:
+                raise ConfigError(
+                    "the oracle policy needs the simulator's true preferences: only qrec demo can serve it"
+                )
+        self.bandit_model: LiveModel | None = None
+        self.tabular: TabularModel | None = None
+        self.baseline_feeds: dict[str, tuple[Consumer, ModelAssembler]] = {}
+        for name, topic in (("bandit", config.bandit_model_topic), ("tabular_q", config.tabular_model_topic)):
+            if name in self.split.names:
+                consumer = bus.consumer()
+                consumer.assign([TopicPartition(topic, 0)])
+                consumer.seek_to_beginning([TopicPartition(topic, 0)])
+                self.baseline_feeds[name] = (consumer, ModelAssembler())
 
     # -- models ---------------------------------------------------------------------------------
     def refresh_model(self, timeout_s: float = 0.0) -> None:
@@ -151,10 +198,118 @@ class Actor:
             self.metrics.swaps.inc()
             self.metrics.model_version.set(model.version)
             log.info("serving model version %d (%d items)", model.version, len(model.vocabulary))
+        self._refresh_baselines(timeout_s)
         if self.model is not None:
             self.metrics.model_age.set(max(0.0, (self.wall_ms() - self.model.created_at_ms) / 1000.0))
 
+    def _refresh_baselines(self, timeout_s: float) -> None:
+        """Swap in new versions of the baselines' models (the bandit's network, the Q-table)."""
+        for name, (consumer, assembler) in self.baseline_feeds.items():
+            for record in consumer.poll(max_records=1000, timeout_s=timeout_s):
+                rejected_before = len(assembler.rejected)
+                assembled = assembler.add(record.value)
+                for reason in assembler.rejected[rejected_before:]:
+                    log.warning("%s model update rejected: %s", name, reason)
+                    self.metrics.swap_failures.inc()
+                if assembled is None:
+                    continue
+                try:
+                    if name == "bandit":
+                        model = LiveModel.from_assembled(assembled)
+                        self._warm_model(model)
+                        self.bandit_model = model
+                    else:
+                        self.tabular = TabularModel.from_bytes(assembled.data)
+                except ValueError as exc:
+                    log.warning("%s model version %d rejected: %s", name, assembled.header.model_version, exc)
+                    self.metrics.swap_failures.inc()
+                    continue
+                self.metrics.swaps.inc()
+
+    # -- catalogue ------------------------------------------------------------------------------
+    def _open_catalogue(self, topic: str) -> None:
+        """Read the whole catalogue topic on the side (every actor sees every item), from the start."""
+        if self.config.create_topics:
+            self.bus.create_topics([TopicSpec(topic, 1, {"cleanup.policy": "compact"})])
+        partitions = [TopicPartition(topic, p) for p in range(self.bus.partitions_for(topic))]
+        self.catalogue = Catalogue()
+        self.catalogue_consumer = self.bus.consumer()
+        self.catalogue_consumer.assign(partitions)
+        self.catalogue_consumer.seek_to_beginning(partitions)
+
+    def refresh_catalogue(self, timeout_s: float = 0.0) -> int:
+        """Apply new catalogue records (between batches); returns how many were read."""
+        if self.catalogue is None or self.catalogue_consumer is None:
+            return 0
+        records = self.catalogue_consumer.poll(max_records=10_000, timeout_s=timeout_s)
+        for record in records:
+            error = self.catalogue.apply(record.key, record.value)
+            if error is not None:
+                self.dead_letters.send(
+                    dead_letter(record.value, error, service="actor", now_ms=self.wall_ms(), source=record)
+                )
+            else:
+                self.metrics.catalogue_records.inc()
+        self.metrics.catalogue_unavailable.set(len(self.catalogue.unavailable))
+        return len(records)
+
+    def load_catalogue(self, timeout_s: float = 60.0) -> None:
+        """Read the catalogue up to its current end before serving, so no early slate misses it."""
+        consumer = self.catalogue_consumer
+        if consumer is None:
+            return
+        partitions = sorted(consumer.assignment())
+        ends = consumer.end_offsets(partitions)
+        deadline = time.monotonic() + timeout_s
+        while any(consumer.position(tp) < ends[tp] for tp in partitions):
+            if time.monotonic() > deadline:
+                raise BusError(f"the catalogue topic could not be read to its end within {timeout_s:.0f} s")
+            self.refresh_catalogue(timeout_s=0.2)
+        log.info(
+            "catalogue loaded: %d unavailable items",
+            len(self.catalogue.unavailable if self.catalogue else ()),
+        )
+
     # -- serving --------------------------------------------------------------------------------
+    def _serve_tabular(self, states: list[UserState], table: TabularModel) -> list[list[RecommendedItem]]:
+        """Slates of the tabular Q baseline: epsilon-greedy categories, popular items within them."""
+        slates = []
+        for state in states:
+            recent = state.observation.recent_items
+            last = table.item_category.get(recent[-1]) if recent else None
+            row = table.q[state_index(last, state.session_event_count, table.config)]  # (categories,)
+            draws = np.random.default_rng(event_key(self.config.seed, state.source_event_id))
+            picked = category_slate(
+                row,
+                table.ranked_items,
+                set(self._blocked(state)),
+                self.config.slate_size,
+                table.config.epsilon,
+                draws.random(2 * self.config.slate_size),
+            )
+            slates.append(
+                [
+                    RecommendedItem(
+                        item_id=item,
+                        score=float(row[table.item_category[item]]),
+                        propensity=propensity,
+                        explored=explored,
+                    )
+                    for item, propensity, explored in picked
+                ]
+            )
+        return slates
+
+    def _serve_external(self, states: list[UserState], policy: ExternalPolicy) -> list[list[RecommendedItem]]:
+        """Slates from a policy outside the actor (the demo's oracle): deterministic, propensity 1."""
+        return [
+            [
+                RecommendedItem(item_id=item, score=0.0, propensity=1.0, explored=False)
+                for item in policy(state, self._blocked(state), self.config.slate_size)
+            ]
+            for state in states
+        ]
+
     def _opportunity(self, record: Record) -> UserState | None:
         if record.value is None or dict(record.headers).get(UPDATE_HEADER) is not None:
             return None  # a tombstone, or an update of the state-builder's internal record only
@@ -166,9 +321,11 @@ class Actor:
             return None
         if state.observation.recent_items and state.source_event_type != "rec_request":
             self.popularity.observe(state.observation.recent_items[-1:])
+            self._popular_observed += 1
         return state if state.source_event_type in self.opportunities else None
 
-    def _blocked(self, state: UserState) -> list[str]:
+    def _user_blocked(self, state: UserState) -> list[str]:
+        """Items this user must not be shown now: purchases and the previous slate (per the config)."""
         blocked: list[str] = []
         if self.config.mask_purchased:
             blocked.extend(state.purchased_items)
@@ -176,9 +333,41 @@ class Actor:
             blocked.extend(self.last_slates.get(state.user_id, ()))
         return blocked
 
-    def _keys(self, states: list[UserState]) -> jax.Array:
-        seeds = np.asarray([event_key(self.config.seed, s.source_event_id) for s in states], np.uint32)
-        return jax.vmap(jax.random.key)(seeds)
+    def _blocked(self, state: UserState) -> list[str]:
+        """Every item this user must not be shown: their own blocked items and unavailable ones."""
+        if self.catalogue is None or not self.catalogue.unavailable:
+            return self._user_blocked(state)
+        return self._user_blocked(state) + sorted(self.catalogue.unavailable)
+
+    def _blocked_indices(self, states: list[UserState], index: Mapping[str, int], padded: int) -> np.ndarray:
+        """Per-user exclusions as indices (padded, m) for the compiled selector; -1 fills unused slots.
+
+        The width m is bucketed to a power of two (at least 16) so few shapes are ever compiled.
+        """
+        rows = [[index[item] for item in self._user_blocked(state) if item in index] for state in states]
+        width = max(16, 1 << (max((len(row) for row in rows), default=0) - 1).bit_length())
+        blocked = np.full((padded, width), -1, np.int32)  # (B, m)
+        for number, row in enumerate(rows):
+            blocked[number, : len(row)] = row
+        return blocked
+
+    def _available(self, index: Mapping[str, int], base: np.ndarray) -> np.ndarray:
+        """``base`` (A,) minus the catalogue's unavailable items, cached until either changes."""
+        if self.catalogue is None:
+            return base
+        key = (id(index), self.catalogue.version)
+        cached = self._mask_cache.get(key)
+        if cached is None or cached[0] is not index:  # ids are reused once an old model is gone
+            if len(self._mask_cache) >= 8:
+                self._mask_cache.clear()
+            cached = self._mask_cache[key] = (index, self.catalogue.mask(index, base))
+        return cached[1]
+
+    def _seeds(self, states: list[UserState], padded: int) -> np.ndarray:
+        """One exploration seed per triggering event (padding rows reuse the first)."""
+        seeds = np.full((padded,), event_key(self.config.seed, states[0].source_event_id), np.uint32)
+        seeds[: len(states)] = [event_key(self.config.seed, s.source_event_id) for s in states]
+        return seeds
 
     def _exploration_value(self) -> float:
         return self.config.epsilon if self.config.exploration == "epsilon" else self.config.temperature
@@ -187,22 +376,20 @@ class Actor:
         size = len(states)
         padded = bucket(size)
         obs = model.encode([s.observation for s in states], padded)
-        base = model.vocabulary.allowed_mask()  # (A,)
-        index = model.index
-        allowed = np.zeros((padded, base.shape[0]), bool)  # (B, A)
-        for row, state in enumerate(states):
-            allowed[row] = allowed_mask(index, base.shape[0], base, self._blocked(state))
-        allowed[size:] = base
-        keys = self._keys(states + states[:1] * (padded - size))
+        # One mask for the whole batch (vocabulary slots in use, catalogue), per-user exclusions as
+        # indices: no (B, A) array is built or copied per batch.
+        allowed = self._available(model.index, model.allowed)  # (A,)
+        blocked = self._blocked_indices(states, model.index, padded)  # (B, m)
         actions, propensities, explored, scores = score_and_select(
             model.params,
             obs,
             allowed,
-            keys,
+            self._seeds(states, padded),
             np.float32(self._exploration_value()),
             network=model.network,
             k=self.config.slate_size,
             exploration=self.config.exploration,
+            blocked=blocked,
         )
         actions, propensities, explored, scores = (
             np.asarray(actions),
@@ -211,6 +398,19 @@ class Actor:
             np.asarray(scores),
         )
         ids = model.vocabulary.ids_for(actions[:size].reshape(-1).tolist())
+        k = self.config.slate_size
+        if model.groups is not None:
+            # A category/brand model picked groups: each becomes its most popular item this user may
+            # see (deterministic, so the item's propensity is its group's).
+            ids = [
+                item
+                for row, state in enumerate(states)
+                for item in items_for_groups(
+                    [group or "" for group in ids[row * k : (row + 1) * k]],
+                    model.groups,
+                    exclude=set(self._blocked(state)),
+                )
+            ]
         slates = []
         for row in range(size):
             slate = []
@@ -229,8 +429,23 @@ class Actor:
             slates.append(slate)
         return slates
 
+    def _popular_candidates(self) -> tuple[list[str], np.ndarray]:
+        """The most popular items and their log-scores, re-ranked after RERANK_EVENTS new events or
+        RERANK_SECONDS (whichever comes first), and whenever fewer than the wanted number are known."""
+        now = time.monotonic()
+        cached = self._popular
+        if (
+            cached is None
+            or self._popular_observed >= RERANK_EVENTS
+            or (self._popular_observed and now - self._popular_at >= RERANK_SECONDS)
+            or (self._popular_observed and len(cached[0]) < self.config.popularity_candidates)
+        ):
+            cached = self._popular = self.popularity.top(self.config.popularity_candidates)
+            self._popular_observed, self._popular_at = 0, now
+        return cached
+
     def _serve_candidates(self, states: list[UserState], policy: str) -> list[list[RecommendedItem]]:
-        candidates, log_scores = self.popularity.top(self.config.popularity_candidates)
+        candidates, log_scores = self._popular_candidates()
         if not candidates:
             return [[] for _ in states]
         # Fixed shapes (C candidates, bucketed B) so the compiled selector is reused batch after batch.
@@ -240,24 +455,22 @@ class Actor:
             scores[: len(candidates)] = log_scores
         index = {item: i for i, item in enumerate(candidates)}
         padded = bucket(len(states))
-        base = np.zeros((size,), bool)
+        base = np.zeros((size,), bool)  # (C,)
         base[: len(candidates)] = True
-        allowed = np.tile(base, (padded, 1))  # (B, C)
-        for row, state in enumerate(states):
-            allowed[row] = allowed_mask(index, size, base, self._blocked(state))
-        keys = self._keys(states + states[:1] * (padded - len(states)))
+        allowed = base if self.catalogue is None else self.catalogue.mask(index, base)  # (C,)
         exploration, value = self.config.exploration, self._exploration_value()
         if policy == "random":
             exploration, value = "epsilon", 1.0  # uniform over the allowed candidates
         actions, propensities, explored = (
             np.asarray(a)
             for a in select_slates(
-                np.tile(scores, (padded, 1)),
+                np.broadcast_to(scores, (padded, size)),
                 allowed,
-                keys,
+                self._seeds(states, padded),
                 np.float32(value),
                 k=self.config.slate_size,
                 exploration=exploration,
+                blocked=self._blocked_indices(states, index, padded),
             )
         )
         slates = []
@@ -277,19 +490,18 @@ class Actor:
         return slates
 
     def _warm_model(self, model: LiveModel) -> None:
-        actions = model.vocabulary.num_actions
         for padded in BATCH_BUCKETS:
-            keys = jax.vmap(jax.random.key)(np.arange(padded, dtype=np.uint32))
             jax.block_until_ready(
                 score_and_select(
                     model.params,
                     model.encode([], padded),
-                    np.ones((padded, actions), bool),
-                    keys,
+                    model.allowed,
+                    np.arange(padded, dtype=np.uint32),
                     np.float32(self._exploration_value()),
                     network=model.network,
                     k=self.config.slate_size,
                     exploration=self.config.exploration,
+                    blocked=np.full((padded, 16), -1, np.int32),
                 )
             )
 
@@ -297,8 +509,6 @@ class Actor:
         """Compile the candidate selectors for every batch bucket now, not on the first busy batches."""
         size = max(self.config.popularity_candidates, self.config.slate_size)
         for padded in BATCH_BUCKETS:
-            keys = jax.vmap(jax.random.key)(np.arange(padded, dtype=np.uint32))
-            allowed = np.ones((padded, size), bool)
             for exploration, value in {
                 (self.config.exploration, self._exploration_value()),
                 ("epsilon", 1.0),
@@ -306,11 +516,12 @@ class Actor:
                 jax.block_until_ready(
                     select_slates(
                         np.zeros((padded, size), np.float32),
-                        allowed,
-                        keys,
+                        np.ones((size,), bool),
+                        np.arange(padded, dtype=np.uint32),
                         np.float32(value),
                         k=self.config.slate_size,
                         exploration=exploration,
+                        blocked=np.full((padded, 16), -1, np.int32),
                     )
                 )
 
@@ -322,7 +533,11 @@ class Actor:
             if state is None:
                 continue
             policy = self.split.policy_for(state.user_id)
-            if policy == "dqn" and self.model is None:
+            if (
+                (policy == "dqn" and self.model is None)
+                or (policy == "bandit" and self.bandit_model is None)
+                or (policy == "tabular_q" and self.tabular is None)
+            ):
                 policy = COLD_START
             by_policy.setdefault(policy, []).append((state, record))
         if not by_policy:
@@ -332,11 +547,19 @@ class Actor:
         model = self.model  # one model per batch: a swap lands between batches
         for policy, pairs in by_policy.items():
             states = [state for state, _ in pairs]
+            version = 0
             if policy == "dqn" and model is not None:
                 slates = self._serve_dqn(states, model)
+                version = model.version
+            elif policy == "bandit" and self.bandit_model is not None:
+                slates = self._serve_dqn(states, self.bandit_model)
+                version = self.bandit_model.version
+            elif policy == "tabular_q" and self.tabular is not None:
+                slates = self._serve_tabular(states, self.tabular)
+            elif policy in self.external:
+                slates = self._serve_external(states, self.external[policy])
             else:
                 slates = self._serve_candidates(states, "random" if policy == "random" else "popularity")
-            version = model.version if policy == "dqn" and model is not None else 0
             for (state, record), slate in zip(pairs, slates, strict=True):
                 made.append(self._publish(state, record, slate, policy, version))
         self.metrics.scoring.observe(time.perf_counter() - started)
@@ -372,8 +595,10 @@ class Actor:
         return rec
 
     def poll_once(self, timeout_s: float = 0.2) -> int:
-        """Refresh the model, then one poll -> serve -> flush -> commit cycle; returns records consumed."""
+        """Refresh the model and catalogue, then one poll -> serve -> flush -> commit cycle; returns
+        records consumed."""
         self.refresh_model()
+        self.refresh_catalogue()
         records = self.consumer.poll(max_records=self.config.max_batch, timeout_s=timeout_s)
         if not records:
             self.lag.update(self.consumer)
@@ -395,6 +620,7 @@ class Actor:
     def run(self, stop: threading.Event | None = None) -> int:
         stop = stop or threading.Event()
         self.warm_up()
+        self.load_catalogue()
         self.consumer.subscribe([self.config.user_state_topic])
         self.metrics.up.labels("actor").set(1)
         try:
@@ -411,4 +637,8 @@ class Actor:
         finally:
             self.consumer.close()
             self.model_consumer.close()
+            if self.catalogue_consumer is not None:
+                self.catalogue_consumer.close()
+            for consumer, _ in self.baseline_feeds.values():
+                consumer.close()
             self.producer.close()

@@ -14,8 +14,10 @@ import numpy as np
 
 from services.config import ConfigError
 
-POLICIES = ("dqn", "popularity", "random")
-COLD_START = "popularity-coldstart"  # the DQN group's policy until a first model arrives
+POLICIES = ("dqn", "popularity", "random", "bandit", "tabular_q", "oracle")
+"""dqn: the DQN; bandit: the same network trained with discount 0 (myopic); tabular_q: a Q-table over
+categories; oracle: the simulator's true preferences (only where a simulator is attached, the demo)."""
+COLD_START = "popularity-coldstart"  # a model-backed group's policy until its first model arrives
 
 
 @dataclass(frozen=True)
