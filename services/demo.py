@@ -1,39 +1,52 @@
 """`qrec demo`: the whole loop, closed by the shopper simulator, with a live view and a report.
 
 Simulated shoppers browse; their events go to the clickstream; the state-builder, the actor and the
-learner run as they do in production (here in one process, on the embedded bus by default, or on
+learners run as they do in production (here in one process, on the embedded bus by default, or on
 Kafka with --bootstrap-servers); every recommendation is shown to the simulated shopper, whose
 reaction goes back into the clickstream. Traffic is split by a stable user hash between the DQN and
-the popularity and random baselines, so the policies are compared on the same shoppers. Time is
-simulated: the loop advances the shop's clock in ticks and lets every service drain between ticks,
-so a run is reproducible for a given seed.
+its baselines: a myopic contextual bandit (the same network trained with discount 0, by a second
+learner), tabular Q-learning over categories, recent popularity, random, and an oracle that knows
+the simulator's true preferences (myopic). All of them face the same population and every learner
+learns from the transitions of all groups. Time is simulated: the loop advances the shop's clock in
+ticks and lets every service drain between ticks, so a run is reproducible for a given seed.
+
+Each group is scored by what its shoppers' sessions earn from recommendations (click 1, favorite 2,
+add_to_cart 3, purchase 10, a later purchase of an item carted from a slate included) over the late
+phase of the run (its second half), when the learners have had time to learn.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import sys
 import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry
+import numpy as np
+from prometheus_client import CollectorRegistry, Gauge
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
+from rl.exposure import exposure_report
 from schemas.codec import RECOMMENDATIONS, encode
-from schemas.messages import ClickEvent, Recommendation
-from services.actor.config import ActorConfig
+from schemas.messages import ClickEvent, Recommendation, UserState
+from services.actor.config import BANDIT_MODEL, ActorConfig
 from services.actor.service import Actor
+from services.actor.step import parse_split
 from services.bus.base import Bus, TopicPartition
-from services.config import BusConfig, make_bus, register, setting
+from services.config import BusConfig, ConfigError, make_bus, register, setting
 from services.learner.config import LearnerServiceConfig
 from services.learner.service import Learner
+from services.learner.tabular import TABULAR_MODEL, TabularLearner, TabularLearnerConfig, model_topic_spec
+from services.metrics import serve_metrics
 from services.replay.service import ensure_topics
 from services.simulator import REWARD_WEIGHTS, ShopperSimulator, SimulatorConfig
 from services.state_builder.config import StateBuilderConfig
@@ -41,34 +54,62 @@ from services.state_builder.service import StateBuilder
 from services.topics import CLICKSTREAM
 from services.topics import RECOMMENDATIONS as RECOMMENDATIONS_TOPIC
 
+DEFAULT_POLICIES = "dqn=0.2,bandit=0.16,tabular_q=0.16,popularity=0.16,random=0.16,oracle=0.16"
+SPLIT_SALT = "qrec-ab-1"
+
 
 @register("demo")
 @dataclass(frozen=True, kw_only=True)
 class DemoConfig(BusConfig):
     """The closed-loop demo."""
 
-    hours: float = setting(6.0, help="simulated shop hours to run")
-    quick: bool = setting(False, help="a short run (one simulated hour, fewer shoppers): under a minute")
-    shoppers: int = setting(500, help="simulated shoppers")
-    items: int = setting(1000, help="items in the simulated catalogue")
+    hours: float = setting(3.0, help="simulated shop hours to run")
+    quick: bool = setting(False, help="a short run (--quick-hours, fewer shoppers): under a minute")
+    quick_hours: float = setting(1.0, help="simulated hours of a --quick run")
+    json: bool = setting(False, help="print only the summary JSON on stdout (no live view, no report)")
+    shoppers: int = setting(300, help="simulated shoppers")
+    items: int = setting(300, help="items in the simulated catalogue")
     sessions_per_minute: float = setting(20.0, help="shopping sessions starting per simulated minute")
     tick_seconds: float = setting(30.0, help="simulated seconds per step of the loop")
     report_every_minutes: float = setting(20.0, help="simulated minutes per point of the report's curves")
-    policies: str = setting("dqn=0.5,popularity=0.25,random=0.25", help="A/B split of the shoppers")
-    epsilon: float = setting(0.1, help="exploration of the DQN and popularity policies")
+    policies: str = setting(DEFAULT_POLICIES, help="A/B split of the shoppers (policy=share,...)")
+    epsilon: float = setting(0.1, help="exploration of the DQN, bandit and popularity policies")
+    gamma: float = setting(0.8, help="discount of the DQN (the bandit's is 0)")
+    learning_rate: float = setting(3e-3, help="Adam step size of the DQN and the bandit")
+    replay_ratio: float = setting(4.0, help="times each transition is replayed by the DQN and the bandit")
+    target_update_period: int = setting(200, help="updates between target network copies")
+    sqn_weight: float = setting(
+        1.0,
+        help="weight of the next-item (SQN) loss of the DQN and the bandit; it trains every item's embedding",
+    )
     seed: int = setting(7, help="seed of the simulated shop")
     out: str = setting("out/demo", help="folder for report.html, the plots and summary.json")
     live: bool = setting(True, help="show the live view (only on a terminal)")
+    compile_cache: str = setting(
+        ".qrec/jax-cache",
+        help="folder of JAX's persistent compilation cache, so reruns skip compiling ('' off)",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        parse_split(self.policies, SPLIT_SALT)
+        for name, value in (("hours", self.hours), ("quick_hours", self.quick_hours)):
+            if value <= 0:
+                raise ConfigError(f"{name} must be > 0, got {value}")
+        if not 0.0 <= self.gamma < 1.0:
+            raise ConfigError(f"gamma must be in [0, 1), got {self.gamma}")
 
 
 @dataclass
 class Window:
-    """Counts of one report window, per policy."""
+    """Counts of one report window, per policy group (the A/B arm a shopper is in)."""
 
     minute: float
     recommendations: Counter[str] = field(default_factory=Counter)
     clicks: Counter[str] = field(default_factory=Counter)
+    purchases: Counter[str] = field(default_factory=Counter)
     reward: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
+    sessions: defaultdict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     events: int = 0
     transitions: int = 0
     updates: int = 0
@@ -77,8 +118,35 @@ class Window:
     explored_share: float | None = None
 
 
-def _reward(event: ClickEvent) -> float:
-    return REWARD_WEIGHTS.get(event.event_type, 0.0)
+class DemoMetrics:
+    """What the demo process exports: late-phase results and exposure, per policy group."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        def gauge(name: str, text: str) -> Gauge:
+            return Gauge(name, text, ["policy"], registry=registry)
+
+        self.gauges = {
+            "ctr": gauge("qrec_demo_ctr_ratio", "Late-phase share of recommendations clicked"),
+            "conversion": gauge(
+                "qrec_demo_conversion_ratio", "Late-phase purchases from recommendations per recommendation"
+            ),
+            "reward_per_session": gauge(
+                "qrec_demo_reward_per_session", "Late-phase recommendation reward per shopping session"
+            ),
+            "sessions": gauge("qrec_demo_sessions", "Late-phase shopping sessions of the group"),
+            "coverage": gauge("qrec_exposure_coverage_ratio", "Share of the catalogue recommended"),
+            "item_gini": gauge("qrec_exposure_item_gini", "Gini of recommendation exposure across items"),
+            "brand_gini": gauge("qrec_exposure_brand_gini", "Gini of recommendation exposure across brands"),
+            "popularity_bias": gauge(
+                "qrec_exposure_popularity_bias",
+                "Exposure-weighted mean popularity percentile of recommended items (0.5: none)",
+            ),
+        }
+
+    def update(self, policies: dict[str, dict[str, Any]]) -> None:
+        for policy, numbers in policies.items():
+            for name, gauge in self.gauges.items():
+                gauge.labels(policy).set(numbers[name])
 
 
 class Demo:
@@ -87,7 +155,7 @@ class Demo:
     def __init__(self, config: DemoConfig, bus: Bus, workdir: Path) -> None:
         self.config = config
         self.bus = bus
-        hours = 1.0 if config.quick else config.hours
+        hours = config.quick_hours if config.quick else config.hours
         self.duration_ms = int(hours * 3600 * 1000)
         shoppers = min(config.shoppers, 200) if config.quick else config.shoppers
         self.sim = ShopperSimulator(
@@ -98,45 +166,81 @@ class Demo:
                 seed=config.seed,
             )
         )
+        self.split = parse_split(config.policies, SPLIT_SALT)
         suffix = "" if config.bootstrap_servers == "embedded" else f"-{uuid.uuid4().hex[:6]}"
         ensure_topics(bus, 4)
+        bus.create_topics([model_topic_spec(BANDIT_MODEL), model_topic_spec(TABULAR_MODEL)])
         common: dict[str, Any] = {"bootstrap_servers": config.bootstrap_servers, "create_topics": False}
-        self.registries = {name: CollectorRegistry() for name in ("state_builder", "actor", "learner")}
+        self.registries = {
+            name: CollectorRegistry()
+            for name in ("state_builder", "actor", "learner", "bandit", "tabular", "demo")
+        }
+        self.metrics = DemoMetrics(self.registries["demo"])
         self.builder = StateBuilder(
             StateBuilderConfig(group_id=f"qrec-state-builder{suffix}", **common),
             bus,
             self.registries["state_builder"],
         )
+        external = {"oracle": self._oracle} if "oracle" in self.split.names else None
         self.actor = Actor(
             ActorConfig(
                 group_id=f"qrec-actor{suffix}",
                 policies=config.policies,
+                split_salt=SPLIT_SALT,
                 epsilon=config.epsilon,
                 seed=config.seed,
                 **common,
             ),
             bus,
             self.registries["actor"],
+            external_policies=external,
         )
-        self.learner = Learner(
-            LearnerServiceConfig(
-                group_id=f"qrec-learner{suffix}",
-                checkpoint_dir=str(workdir / "learner"),
-                vocabulary_capacity=config.items + 500,
-                embed_dim=32,
-                hidden_sizes="128,128",
-                batch_size=128,
-                updates_per_call=8,
-                min_replay_size=500,
-                replay_ratio=2.0,
-                publish_every_steps=200,
-                publish_every_seconds=1e9,
-                replay_capacity=50_000,
-                gamma=0.8,
-                **common,
-            ),
-            bus,
-            self.registries["learner"],
+
+        def learner(name: str, gamma: float, model_topic: str) -> Learner:
+            return Learner(
+                LearnerServiceConfig(
+                    group_id=f"qrec-{name}{suffix}",
+                    model_topic=model_topic,
+                    checkpoint_dir=str(workdir / name),
+                    vocabulary_capacity=config.items + 500,
+                    embed_dim=32,
+                    hidden_sizes="128,128",
+                    batch_size=128,
+                    updates_per_call=8,
+                    min_replay_size=500,
+                    replay_ratio=config.replay_ratio,
+                    publish_every_steps=200,
+                    publish_every_seconds=1e9,
+                    replay_capacity=50_000,
+                    gamma=gamma,
+                    learning_rate=config.learning_rate,
+                    target_update_period=config.target_update_period,
+                    sqn_weight=config.sqn_weight,
+                    **common,
+                ),
+                bus,
+                self.registries["bandit" if name == "bandit" else "learner"],
+            )
+
+        self.learner = learner("learner", config.gamma, self.actor.config.model_topic)
+        self.bandit = (
+            learner("bandit", 0.0, self.actor.config.bandit_model_topic)
+            if "bandit" in self.split.names
+            else None
+        )
+        self.tabular = (
+            TabularLearner(
+                TabularLearnerConfig(
+                    model_topic=self.actor.config.tabular_model_topic,
+                    epsilon=config.epsilon,
+                    publish_every_transitions=1000,
+                    **common,
+                ),
+                bus,
+                self.registries["tabular"],
+            )
+            if "tabular_q" in self.split.names
+            else None
         )
         self.builder.consumer.subscribe(
             [self.builder.config.clickstream_topic, self.builder.config.recommendations_topic],
@@ -153,14 +257,37 @@ class Demo:
         self.recs.assign(parts)
         self.recs.seek_to_end(parts)
         self.windows: list[Window] = []
-        self.exposure: Counter[str] = Counter()
-        self.totals_by_policy: dict[str, defaultdict[str, float]] = defaultdict(lambda: defaultdict(float))
+        num_items = self.sim.config.num_items
+        self.exposure: defaultdict[str, np.ndarray] = defaultdict(lambda: np.zeros((num_items,), np.int64))
+        self.organic_views = np.zeros((num_items,), np.int64)  # (num_items,) popularity of the catalogue
+        self.labels: Counter[str] = Counter()  # recommendations by the policy label they carry
+        self.groups: dict[str, str] = {}
         self.events_total = 0
         self.started_wall = time.monotonic()
 
-    def _send(self, events: list[ClickEvent]) -> None:
+    def group_of(self, user_id: str) -> str:
+        """The A/B group of a shopper (the policy the split assigns, whatever label it is served with)."""
+        group = self.groups.get(user_id)
+        if group is None:
+            group = self.groups[user_id] = self.split.policy_for(user_id)
+        return group
+
+    def _oracle(self, state: UserState, blocked: list[str], k: int) -> list[str]:
+        """The oracle policy: the simulator's myopic best slate for the shopper right now."""
+        return self.sim.oracle_slate(state.user_id, k, state.timestamp, exclude=blocked)
+
+    def _send(self, events: list[ClickEvent], window: Window) -> None:
         for event in events:
             self.producer.send(CLICKSTREAM, event.user_id.encode(), encode(event))
+            group = self.group_of(event.user_id)
+            window.sessions[group].add(event.session_id)
+            if event.rec_id is not None:
+                window.reward[group] += REWARD_WEIGHTS.get(event.event_type, 0.0)
+                window.purchases[group] += event.event_type == "purchase"
+            elif event.event_type == "view" and event.item_id is not None:
+                index = self.sim.item_index(event.item_id)
+                if index is not None:
+                    self.organic_views[index] += 1
         self.events_total += len(events)
 
     def _pump(self) -> None:
@@ -169,25 +296,27 @@ class Demo:
             moved = self.builder.poll_once(timeout_s=0.0) + self.actor.poll_once(timeout_s=0.0)
             if not moved:
                 break
-        self.learner.poll_once(timeout_s=0.0)
+        for learner in (self.learner, self.bandit, self.tabular):
+            if learner is not None:
+                learner.poll_once(timeout_s=0.0)
 
     def _show_recommendations(self, now_ms: int, window: Window) -> None:
         for record in self.recs.poll(max_records=10_000, timeout_s=0.0):
             rec = RECOMMENDATIONS.decode(record.value)
             if not isinstance(rec, Recommendation):
                 continue
-            policy = rec.policy
-            window.recommendations[policy] += 1
-            self.totals_by_policy[policy]["recommendations"] += 1
-            self.exposure.update(item.item_id for item in rec.items)
+            group = self.group_of(rec.user_id)
+            window.recommendations[group] += 1
+            self.labels[rec.policy] += 1
+            exposure = self.exposure[group]
+            for item in rec.items:
+                index = self.sim.item_index(item.item_id)
+                if index is not None:
+                    exposure[index] += 1
             response = self.sim.respond(rec, now_ms)
             if any(e.event_type == "click" for e in response):
-                window.clicks[policy] += 1
-                self.totals_by_policy[policy]["clicks"] += 1
-            reward = sum(_reward(e) for e in response)
-            window.reward[policy] += reward
-            self.totals_by_policy[policy]["reward"] += reward
-            self._send(response)
+                window.clicks[group] += 1
+            self._send(response, window)
 
     def run(self, on_window: Any = None) -> None:
         start = self.sim.config.start_time_ms
@@ -198,20 +327,21 @@ class Demo:
         now = start
         while now < start + self.duration_ms:
             now += tick
-            self._send(self.sim.advance(now))
+            self._send(self.sim.advance(now), window)
             self.producer.flush()
             self._pump()
             self._show_recommendations(now, window)
             self.producer.flush()
             self._pump()
-            if now >= next_report:
+            if now >= next_report or now >= start + self.duration_ms:
                 self._close(window, now, start)
                 if on_window is not None:
                     on_window(self)
                 window = Window(minute=(now - start) / 60_000)
                 next_report += every
-        if self.learner.trainer.step > self.learner.last_publish_step:
-            self.learner.publish()
+        for learner in (self.learner, self.bandit):
+            if learner is not None and learner.trainer.step > learner.last_publish_step:
+                learner.publish()
 
     def _close(self, window: Window, now: int, start: int) -> None:
         window.minute = (now - start) / 60_000
@@ -225,20 +355,106 @@ class Demo:
         explored = _value(self.registries["actor"], "qrec_actor_explored_slots_total")
         window.explored_share = explored / slots if slots else None
         self.windows.append(window)
+        self.metrics.update(policy_results(self))
 
     def close(self) -> None:
         self.producer.flush()
         self.recs.close()
-        for service in (self.builder, self.actor, self.learner):
-            service.close()
+        for service in (self.builder, self.actor, self.learner, self.bandit, self.tabular):
+            if service is not None:
+                service.close()
 
 
 def _value(registry: CollectorRegistry, name: str) -> float:
     return registry.get_sample_value(name) or 0.0
 
 
+def late_windows(demo: Demo) -> list[Window]:
+    """The late phase: the second half of the report windows (all of them when there is one)."""
+    return demo.windows[len(demo.windows) // 2 :]
+
+
+def _results(windows: Iterable[Window], groups: Iterable[str]) -> dict[str, dict[str, float]]:
+    windows = list(windows)
+    results = {}
+    for group in groups:
+        recs = sum(w.recommendations[group] for w in windows)
+        sessions = len(set().union(*(w.sessions[group] for w in windows))) if windows else 0
+        reward = sum(w.reward[group] for w in windows)
+        results[group] = {
+            "ctr": sum(w.clicks[group] for w in windows) / recs if recs else 0.0,
+            "conversion": sum(w.purchases[group] for w in windows) / recs if recs else 0.0,
+            "reward_per_session": reward / sessions if sessions else 0.0,
+            "sessions": sessions,
+            "recommendations": recs,
+            "reward": reward,
+            "reward_per_recommendation": reward / recs if recs else 0.0,
+        }
+    return results
+
+
+def policy_results(demo: Demo) -> dict[str, dict[str, Any]]:
+    """Per policy group: late-phase ctr, conversion, reward per session, sessions, and exposure."""
+    results: dict[str, dict[str, Any]] = dict(_results(late_windows(demo), demo.split.names))
+    catalogue = demo.sim.catalogue
+    for group, numbers in results.items():
+        exposure = demo.exposure.get(group, np.zeros((len(catalogue.item_ids),), np.int64))
+        report = exposure_report(exposure, catalogue.brand, demo.sim.config.num_brands, demo.organic_views)
+        numbers.update(asdict(report))
+    return results
+
+
+def summary(demo: Demo) -> dict[str, Any]:
+    """The numbers a report shows, as plain data (the ``--json`` output)."""
+    policies = policy_results(demo)
+    whole_run = _results(demo.windows, demo.split.names)
+    catalogue = demo.sim.catalogue
+    everything = sum(demo.exposure.values(), np.zeros((len(catalogue.item_ids),), np.int64))
+    late = late_windows(demo)
+    comparison = {}
+    if "dqn" in policies:
+        dqn = policies["dqn"]["reward_per_session"]
+        comparison = {
+            f"dqn_over_{name}": dqn / numbers["reward_per_session"] if numbers["reward_per_session"] else None
+            for name, numbers in policies.items()
+            if name != "dqn"
+        }
+    return {
+        "simulated_hours": demo.duration_ms / 3_600_000,
+        "late_phase_from_minute": late[0].minute - demo.config.report_every_minutes if late else 0.0,
+        "events": demo.events_total,
+        "wall_seconds": round(time.monotonic() - demo.started_wall, 1),
+        "model_version": demo.learner.version,
+        "updates": demo.learner.trainer.step,
+        "bandit_updates": demo.bandit.trainer.step if demo.bandit is not None else 0,
+        "tabular_updates": demo.tabular.learned if demo.tabular is not None else 0,
+        "policies": policies,
+        "reward_per_session_ratio": comparison,
+        "whole_run": whole_run,
+        "recommendations_by_label": dict(sorted(demo.labels.items())),
+        "exposure_all_policies": asdict(
+            exposure_report(everything, catalogue.brand, demo.sim.config.num_brands, demo.organic_views)
+        ),
+        "windows": [
+            {
+                "minute": w.minute,
+                "recommendations": dict(w.recommendations),
+                "clicks": dict(w.clicks),
+                "purchases": dict(w.purchases),
+                "reward": dict(w.reward),
+                "sessions": {group: len(ids) for group, ids in w.sessions.items()},
+                "model_version": w.model_version,
+                "loss": w.loss,
+                "explored_share": w.explored_share,
+                "updates": w.updates,
+            }
+            for w in demo.windows
+        ],
+    }
+
+
 def live_table(demo: Demo) -> Table:
-    """The live view: throughput, model and per-policy results so far."""
+    """The live view: throughput, model and per-policy results of the late phase so far."""
     elapsed = max(1e-9, time.monotonic() - demo.started_wall)
     last = demo.windows[-1] if demo.windows else Window(minute=0)
     head = Table.grid(padding=(0, 2))
@@ -249,76 +465,31 @@ def live_table(demo: Demo) -> Table:
         f"updates {last.updates:,}",
         f"model v{last.model_version}",
     )
-    table = Table(title="policies on the same simulated shoppers (so far)")
+    table = Table(title="policies on the same simulated shoppers (late phase so far)")
     for column in (
         "policy",
+        "sessions",
         "recommendations",
         "CTR",
-        "reward / rec",
-        "CTR last window",
-        "reward / rec last",
+        "conversion",
+        "reward / session",
+        "coverage",
     ):
         table.add_column(column, justify="right" if column != "policy" else "left")
-    for policy in sorted(demo.totals_by_policy):
-        totals = demo.totals_by_policy[policy]
-        recs = totals["recommendations"] or 1
-        lw = last.recommendations[policy] or 1
+    for policy, numbers in policy_results(demo).items():
         table.add_row(
             policy,
-            f"{int(totals['recommendations']):,}",
-            f"{totals['clicks'] / recs:.1%}",
-            f"{totals['reward'] / recs:.3f}",
-            f"{last.clicks[policy] / lw:.1%}",
-            f"{last.reward[policy] / lw:.3f}",
+            f"{numbers['sessions']:,}",
+            f"{numbers['recommendations']:,}",
+            f"{numbers['ctr']:.1%}",
+            f"{numbers['conversion']:.2%}",
+            f"{numbers['reward_per_session']:.2f}",
+            f"{numbers['coverage']:.1%}",
         )
     outer = Table.grid()
     outer.add_row(head)
     outer.add_row(table)
     return outer
-
-
-def summary(demo: Demo) -> dict[str, Any]:
-    """The numbers a report shows, as plain data."""
-    policies = {}
-    for policy, totals in sorted(demo.totals_by_policy.items()):
-        recs = totals["recommendations"] or 1
-        policies[policy] = {
-            "recommendations": int(totals["recommendations"]),
-            "ctr": totals["clicks"] / recs,
-            "reward_per_recommendation": totals["reward"] / recs,
-            "reward": totals["reward"],
-        }
-    late = demo.windows[len(demo.windows) // 2 :]
-    long_run = {}
-    for policy in demo.totals_by_policy:
-        recs = sum(w.recommendations[policy] for w in late) or 1
-        long_run[policy] = sum(w.reward[policy] for w in late) / recs
-    counts = sorted(demo.exposure.values(), reverse=True)
-    top_share = sum(counts[: max(1, len(counts) // 10)]) / max(1, sum(counts))
-    return {
-        "simulated_hours": demo.duration_ms / 3_600_000,
-        "events": demo.events_total,
-        "wall_seconds": round(time.monotonic() - demo.started_wall, 1),
-        "model_version": demo.learner.version,
-        "updates": demo.learner.trainer.step,
-        "policies": policies,
-        "reward_per_recommendation_second_half": long_run,
-        "items_recommended": len(demo.exposure),
-        "exposure_share_of_top_10_percent_items": top_share,
-        "windows": [
-            {
-                "minute": w.minute,
-                "recommendations": dict(w.recommendations),
-                "clicks": dict(w.clicks),
-                "reward": dict(w.reward),
-                "model_version": w.model_version,
-                "loss": w.loss,
-                "explored_share": w.explored_share,
-                "updates": w.updates,
-            }
-            for w in demo.windows
-        ],
-    }
 
 
 def write_report(demo: Demo, out: Path) -> dict[str, Any]:
@@ -332,7 +503,7 @@ def write_report(demo: Demo, out: Path) -> dict[str, Any]:
     data = summary(demo)
     (out / "summary.json").write_text(json.dumps(data, indent=2))
     hours = [w.minute / 60 for w in demo.windows]
-    policies = sorted(demo.totals_by_policy)
+    policies = list(demo.split.names)
     plots: dict[str, str] = {}
 
     def save(name: str, title: str, figure: Any) -> None:
@@ -344,58 +515,67 @@ def write_report(demo: Demo, out: Path) -> dict[str, Any]:
 
     for metric, label, name in (
         ("ctr", "click-through rate", "ctr_by_policy.png"),
-        ("reward", "reward per recommendation", "reward_by_policy.png"),
+        ("reward", "reward per session", "reward_by_policy.png"),
     ):
         figure, axis = plt.subplots(figsize=(7, 3.6))
         for policy in policies:
             values = []
             for w in demo.windows:
-                recs = w.recommendations[policy]
-                value = (
-                    (w.clicks[policy] if metric == "ctr" else w.reward[policy]) / recs
-                    if recs
-                    else float("nan")
-                )
-                values.append(value)
+                if metric == "ctr":
+                    recs = w.recommendations[policy]
+                    values.append(w.clicks[policy] / recs if recs else float("nan"))
+                else:
+                    sessions = len(w.sessions[policy])
+                    values.append(w.reward[policy] / sessions if sessions else float("nan"))
             axis.plot(hours, values, marker="o", label=policy)
         axis.set_xlabel("simulated hours")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
-        axis.legend()
+        axis.legend(fontsize="small")
         save(name, f"{label} by policy", figure)
     figure, axis = plt.subplots(figsize=(7, 3.6))
     losses = [(h, w.loss) for h, w in zip(hours, demo.windows, strict=True) if w.loss is not None]
     if losses:
         axis.plot([h for h, _ in losses], [v for _, v in losses], marker="o", color="tab:red", label="loss")
     axis.set_xlabel("simulated hours")
-    axis.set_ylabel("training loss")
+    axis.set_ylabel("training loss (DQN)")
     twin = axis.twinx()
     twin.step(
         hours, [w.model_version for w in demo.windows], color="tab:gray", where="post", label="model version"
     )
     twin.set_ylabel("model version")
     axis.grid(alpha=0.3)
-    save("learning_curve.png", "learner: loss and published model versions", figure)
+    save("learning_curve.png", "DQN learner: loss and published model versions", figure)
     figure, axis = plt.subplots(figsize=(7, 3.6))
     axis.plot(hours, [w.explored_share or 0.0 for w in demo.windows], marker="o")
     axis.set_xlabel("simulated hours")
     axis.set_ylabel("share of explored slots")
     axis.grid(alpha=0.3)
-    save("exploration.png", "exploration rate (cumulative)", figure)
+    save("exploration.png", "exploration rate (cumulative, all policies)", figure)
     figure, axis = plt.subplots(figsize=(7, 3.6))
-    counts = sorted(demo.exposure.values(), reverse=True)
-    axis.plot(range(1, len(counts) + 1), counts)
+    for policy in policies:
+        counts = np.sort(demo.exposure.get(policy, np.zeros(1, np.int64)))[::-1]
+        counts = counts[counts > 0]
+        if counts.size:
+            axis.plot(np.arange(1, counts.size + 1), counts, label=policy)
     axis.set_xscale("log")
     axis.set_yscale("log")
     axis.set_xlabel("item rank")
     axis.set_ylabel("times recommended")
     axis.grid(alpha=0.3)
-    save("exposure.png", f"item exposure ({len(counts)} items recommended)", figure)
+    axis.legend(fontsize="small")
+    save(
+        "exposure.png", f"item exposure by policy ({len(demo.sim.catalogue.item_ids)} items on sale)", figure
+    )
 
     rows = "".join(
-        f"<tr><td>{p}</td><td>{v['recommendations']:,}</td><td>{v['ctr']:.1%}</td>"
-        f"<td>{v['reward_per_recommendation']:.3f}</td>"
-        f"<td>{data['reward_per_recommendation_second_half'].get(p, 0):.3f}</td></tr>"
+        f"<tr><td>{p}</td><td>{v['sessions']:,}</td><td>{v['recommendations']:,}</td><td>{v['ctr']:.1%}</td>"
+        f"<td>{v['conversion']:.2%}</td><td>{v['reward_per_session']:.2f}</td></tr>"
+        for p, v in data["policies"].items()
+    )
+    fairness = "".join(
+        f"<tr><td>{p}</td><td>{v['coverage']:.1%}</td><td>{v['item_gini']:.3f}</td>"
+        f"<td>{v['brand_gini']:.3f}</td><td>{v['popularity_bias']:.3f}</td></tr>"
         for p, v in data["policies"].items()
     )
     images = "".join(
@@ -403,17 +583,32 @@ def write_report(demo: Demo, out: Path) -> dict[str, Any]:
         f'{base64.b64encode((out / name).read_bytes()).decode()}"><figcaption>{title}</figcaption></figure>'
         for name, title in plots.items()
     )
+    ratios = ", ".join(
+        f"{name.removeprefix('dqn_over_')} {value:.2f}x"
+        for name, value in data["reward_per_session_ratio"].items()
+        if value is not None
+    )
     html = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>qrec demo report</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:900px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
 td:first-child{{text-align:left}}img{{max-width:100%}}figure{{margin:1.5em 0}}</style></head><body>
 <h1>qrec closed-loop demo</h1>
-<p>{data["simulated_hours"]:.1f} simulated hours, {data["events"]:,} events, {data["updates"]:,} learner
+<p>{data["simulated_hours"]:.1f} simulated hours, {data["events"]:,} events, {data["updates"]:,} DQN
 updates, model version {data["model_version"]}, {data["wall_seconds"]} s of wall time. Shoppers are split
-between policies by a stable hash of their id, so every policy faces the same simulated population.</p>
-<table><tr><th>policy</th><th>recommendations</th><th>CTR</th><th>reward / rec</th>
-<th>reward / rec (second half)</th></tr>{rows}</table>
+between policies by a stable hash of their id, so every policy faces the same simulated population, and
+every learner learns from every group's transitions. Numbers are from the late phase (from simulated
+minute {data["late_phase_from_minute"]:.0f}): reward counts what recommendations earned in a session
+(click 1, favorite 2, add to cart 3, purchase 10, later purchases of carted items included).</p>
+<p>DQN reward per session relative to the others: {ratios or "n/a"}.</p>
+<table><tr><th>policy</th><th>sessions</th><th>recommendations</th><th>CTR</th><th>conversion</th>
+<th>reward / session</th></tr>{rows}</table>
+<h2>Exposure and fairness</h2>
+<p>Coverage: share of the catalogue recommended. Gini: inequality of exposure across items and across
+brands (0 equal, 1 all on one). Popularity bias: exposure-weighted mean popularity percentile of what was
+recommended, by organic views (0.5 is the catalogue's own mean).</p>
+<table><tr><th>policy</th><th>coverage</th><th>item Gini</th><th>brand Gini</th><th>popularity bias</th></tr>
+{fairness}</table>
 {images}
 </body></html>
 """
@@ -422,16 +617,28 @@ between policies by a stable hash of their id, so every policy faces the same si
 
 
 def run_demo(config: DemoConfig, console: Console) -> dict[str, Any]:
-    """Run the loop and write the report; returns the summary."""
+    """Run the loop and write the report (or, with --json, print the summary); returns the summary."""
+    if config.compile_cache:
+        import jax
+
+        # Compiling the learners' and the actor's programs is most of a short run's time.
+        jax.config.update("jax_compilation_cache_dir", str(Path(config.compile_cache).resolve()))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     bus = make_bus(config)
+    quiet = config.json
+    if quiet:
+        console = Console(file=sys.stderr, quiet=True)
     with tempfile.TemporaryDirectory(prefix="qrec-demo-") as workdir:
         console.print(
             f"qrec demo on {'the embedded bus' if config.bootstrap_servers == 'embedded' else 'Kafka'}: "
-            "starting the state-builder, learner and actor (compiling the models takes a moment) ..."
+            "starting the state-builder, learners and actor (compiling the models takes a moment) ..."
         )
         demo = Demo(config, bus, Path(workdir))
+        if config.metrics_port is not None:
+            server = serve_metrics(demo.registries["demo"], config.metrics_port, config.metrics_host)
+            console.print(f"metrics: {server.url}")
         try:
-            if config.live and console.is_terminal:
+            if config.live and console.is_terminal and not quiet:
                 with Live(live_table(demo), console=console, refresh_per_second=4) as live:
                     demo.run(lambda d: live.update(Group(live_table(d))))
             else:
@@ -441,10 +648,14 @@ def run_demo(config: DemoConfig, console: Console) -> dict[str, Any]:
                         f"model v{d.learner.version}, updates {d.learner.trainer.step:,}"
                     )
                 )
-            data = write_report(demo, Path(config.out))
+            data = summary(demo) if quiet else write_report(demo, Path(config.out))
         finally:
             demo.close()
             bus.close()
+    if quiet:
+        sys.stdout.write(json.dumps(data) + "\n")
+        sys.stdout.flush()
+        return data
     console.print(live_table(demo))
     console.print(f"report: {Path(config.out) / 'report.html'} (plots and summary.json beside it)")
     return data

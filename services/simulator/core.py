@@ -35,8 +35,10 @@ add_to_cart (chance ``cart_probability_scale * sigmoid(u - no_click_utility)``) 
 recommendations (``rec_request_probability``), or goes to checkout when the cart is not empty (the
 oldest cart item is bought with chance ``purchase_probability_scale * sigmoid(u - sensitivity *
 log price - no_click_utility)``, else removed with chance ``cart_abandon_probability``, else looked
-at again; with an empty cart it views instead). A session ends one think time after its last action,
-so a slate shown in reply to the last view can still keep the shopper.
+at again; with an empty cart it views instead; a purchase of an item carted from a slate carries
+that slate's ``rec_id``, so a cart leads to a recommendation's reward later). A session ends one
+think time after its last action, so a slate shown in reply to the last view can still keep the
+shopper.
 
 Reacting to a slate
 -------------------
@@ -143,6 +145,7 @@ class _Session:
     on_screen: int = -1  # item index of the last view or click, -1 before any
     on_screen_open: bool = False  # an organic view whose cart/favorite decision is still to come
     cart: list[int] = field(default_factory=list)
+    cart_rec_ids: dict[int, str] = field(default_factory=dict)  # cart item -> the rec it was carted from
     utilities: np.ndarray | None = None  # (num_items,) at utilities_step
     browse_cdf: np.ndarray | None = None  # (num_items,) cumulative browse weights at utilities_step
     utilities_step: int = -1
@@ -571,9 +574,12 @@ class ShopperSimulator:
         draw = self._uniform()
         if draw < p_buy:
             session.cart.pop(0)
-            return self._event(session, "purchase", time_ms, item)
+            # A purchase of an item carted from a slate is that recommendation's late reward.
+            rec_id = session.cart_rec_ids.pop(item, None)
+            return self._event(session, "purchase", time_ms, item, rec_id=rec_id)
         if draw < p_buy + (1.0 - p_buy) * cfg.cart_abandon_probability:
             session.cart.pop(0)
+            session.cart_rec_ids.pop(item, None)
             return self._event(session, "remove_from_cart", time_ms, item)
         session.on_screen, session.on_screen_open = item, False
         return self._event(session, "view", time_ms, item)
@@ -658,6 +664,7 @@ class ShopperSimulator:
                 reward += REWARD_WEIGHTS["purchase"]
             else:
                 session.cart.append(choice)
+                session.cart_rec_ids[choice] = rec.rec_id
         stats["reward"] += reward
         session.on_screen, session.on_screen_open = choice, False
         session.remaining_actions += self._poisson(cfg.click_session_extension)
