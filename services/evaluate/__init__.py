@@ -1,0 +1,1 @@
+"""`qrec evaluate`: offline ranking evaluation on recorded logs and off-policy estimates."""

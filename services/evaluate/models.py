@@ -1,0 +1,198 @@
+"""The qrec Q-network trained three ways on logged behaviour, and scored over the catalogue.
+
+- ``q_only``: the DQN's TD loss alone (`rl.train.update`, Double DQN), ranked by Q(s, a);
+- ``supervised``: the next-item head alone (softmax cross-entropy on the logged next item), ranked
+  by its logits: a plain supervised sequence model on the same encoder;
+- ``sqn``: both losses together (`sqn_weight`), ranked by the next-item head, as in SQN (Xin et
+  al., SIGIR 2020), which generates recommendations from the supervised head.
+
+Training reuses the learner's `Trainer` (vocabulary, replay buffer, train state and the fused DQN
+updates); only the supervised-only update is defined here, because the DQN update always includes
+the TD loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rl.batch import ObsBatch, TransitionBatch
+from rl.networks import QNetwork
+from rl.ranking import hit_rate, target_ranks
+from rl.train import LearnerConfig, TrainState, make_optimizer
+from services.evaluate.config import EvaluateConfig
+from services.evaluate.splits import Catalogue, Interaction, Target
+from services.learner.config import ModelSettings
+from services.learner.trainer import Trainer
+from services.state_builder.step import FEATURE_DIM
+
+SCORE_BATCH = 512  # rows scored per compiled call (padded), so one shape compiles once
+
+
+def _supervised_update(
+    state: TrainState, batch: TransitionBatch, *, network: QNetwork, config: LearnerConfig
+) -> tuple[TrainState, jax.Array]:
+    """One step of the next-item cross-entropy alone; returns the new state and the loss."""
+
+    def loss_fn(params: Any) -> jax.Array:
+        logits = network.apply(params, batch.obs_tm1, method=QNetwork.next_item_logits)  # (B, A)
+        cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, batch.a_tm1)  # (B,)
+        return jnp.mean(batch.weights * cross_entropy)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = make_optimizer(config).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return state.replace(params=params, opt_state=opt_state, step=state.step + 1), loss
+
+
+@functools.partial(jax.jit, static_argnames=("network", "config"))
+def supervised_update_many(
+    state: TrainState, batches: TransitionBatch, *, network: QNetwork, config: LearnerConfig
+) -> tuple[TrainState, jax.Array]:
+    """K supervised steps fused in one `lax.scan` (batches stacked on a leading axis K)."""
+
+    def body(carry: TrainState, batch: TransitionBatch) -> tuple[TrainState, jax.Array]:
+        return _supervised_update(carry, batch, network=network, config=config)
+
+    return jax.lax.scan(body, state, batches)
+
+
+@functools.partial(jax.jit, static_argnames=("network", "head"))
+def _score(params: Any, obs: ObsBatch, *, network: QNetwork, head: str) -> jax.Array:
+    if head == "q":
+        return network.apply(params, obs)  # type: ignore[return-value]
+    return network.apply(params, obs, method=QNetwork.next_item_logits)  # type: ignore[return-value]
+
+
+class NeuralModel:
+    """One of q_only / supervised / sqn: trains on logged transitions, scores catalogue items."""
+
+    def __init__(
+        self,
+        variant: str,
+        config: EvaluateConfig,
+        catalogue: Catalogue,
+        train: Sequence[Interaction],
+        seed: int,
+    ) -> None:
+        if variant not in ("q_only", "supervised", "sqn"):
+            raise ValueError(f"unknown neural model {variant!r}")
+        self.name = variant
+        self.catalogue = catalogue
+        frequency = np.zeros((len(catalogue),), np.int64)  # (C,)
+        for interaction in train:
+            frequency[catalogue.index[interaction.item_id]] += 1
+        if len(catalogue) <= config.max_actions:
+            chosen = np.arange(len(catalogue))
+        else:
+            # The most frequent training items; a stable sort keeps the choice deterministic.
+            chosen = np.sort(np.argsort(-frequency, kind="stable")[: config.max_actions])
+        settings = ModelSettings(
+            window=config.window,
+            vocabulary_capacity=int(chosen.size),
+            embed_dim=config.embed_dim,
+            hidden_sizes=config.hidden_sizes,
+            gamma=config.gamma,
+            learning_rate=config.learning_rate,
+            sqn_weight=0.0 if variant == "q_only" else config.sqn_weight,
+            batch_size=config.batch_size,
+            replay_capacity=max(1, len(train)),
+            seed=seed,
+        )
+        self.trainer = Trainer(settings, FEATURE_DIM)
+        # The seed already went into the initial parameters and the sampler; the update's config is
+        # a static jit argument, so leaving the seed in it would recompile the update for every run.
+        self.trainer.learner_config = dataclasses.replace(self.trainer.learner_config, seed=0)
+        self.trainer.vocabulary.observe([catalogue.item_ids[i] for i in chosen], 0)
+        # Catalogue index -> action index of the network, for the items it scores.
+        self.scored_items = chosen  # (V,)
+        self.action_of_item = self.trainer.vocabulary.lookup([catalogue.item_ids[i] for i in chosen])  # (V,)
+        known = [i.transition for i in train if i.item_id in self.trainer.vocabulary]
+        for start in range(0, len(known), 4096):
+            self.trainer.buffer.add(self.trainer.to_batch(known[start : start + 4096]))
+        self.train_transitions = len(known)
+        self.head = "q" if variant == "q_only" else "next_item"
+        self.params = self.trainer.state.params
+        self.validation_curve: list[tuple[int, float]] = []
+
+    def total_updates(self, epochs: float, batch_size: int) -> int:
+        per_call = self.trainer.settings.updates_per_call
+        wanted = max(1, math.ceil(epochs * self.train_transitions / batch_size))
+        return per_call * math.ceil(wanted / per_call)
+
+    def fit(
+        self,
+        epochs: float,
+        eval_every: int,
+        validation: Sequence[Target],
+        on_updates: Callable[[int], None] = lambda n: None,
+    ) -> None:
+        """Train for `epochs` passes; keep the parameters with the best validation HR@10."""
+        if self.train_transitions == 0:
+            return
+        trainer = self.trainer
+        total = self.total_updates(epochs, trainer.settings.batch_size)
+        per_call = trainer.settings.updates_per_call
+        chunk = per_call * max(1, eval_every // per_call)
+        best = self._validate(validation) if validation else float("-inf")
+        self.validation_curve.append((0, best))
+        done = 0
+        while done < total:
+            steps = min(chunk, total - done)
+            if self.name == "supervised":
+                self._train_supervised(steps)
+            else:
+                trainer.train(steps)
+            done += steps
+            on_updates(steps)
+            if validation:
+                score = self._validate_with(trainer.state.params, validation)
+                self.validation_curve.append((done, score))
+                if score > best:
+                    best, self.params = score, trainer.state.params
+            else:
+                self.params = trainer.state.params
+
+    def _train_supervised(self, steps: int) -> None:
+        trainer = self.trainer
+        per_call = trainer.settings.updates_per_call
+        for _ in range(steps // per_call):
+            batches, _, _ = trainer.buffer.sample_stacked(per_call, trainer.settings.batch_size, trainer.rng)
+            trainer.state, _ = supervised_update_many(
+                trainer.state, batches, network=trainer.network, config=trainer.learner_config
+            )
+
+    def _validate(self, validation: Sequence[Target]) -> float:
+        return self._validate_with(self.trainer.state.params, validation)
+
+    def _validate_with(self, params: Any, validation: Sequence[Target]) -> float:
+        hits = []
+        for start in range(0, len(validation), SCORE_BATCH):
+            chunk = validation[start : start + SCORE_BATCH]
+            ranks = target_ranks(self._scores_with(params, chunk), np.asarray([t.item for t in chunk]))
+            hits.append(hit_rate(ranks, 10))
+        return float(np.concatenate(hits).mean())
+
+    def scores(self, targets: Sequence[Target]) -> np.ndarray:
+        """(N, C) scores; items the network has no action for get -inf (they rank last)."""
+        return self._scores_with(self.params, targets)
+
+    def _scores_with(self, params: Any, targets: Sequence[Target]) -> np.ndarray:
+        out = np.full((len(targets), len(self.catalogue)), -np.inf, np.float32)  # (N, C)
+        for start in range(0, len(targets), SCORE_BATCH):
+            chunk = targets[start : start + SCORE_BATCH]
+            transitions = [t.transition for t in chunk]
+            # Pad to a fixed row count so the scorer compiles once.
+            padded = transitions + [transitions[-1]] * (SCORE_BATCH - len(transitions))
+            obs = self.trainer.to_batch(padded).obs_tm1
+            values = np.asarray(_score(params, obs, network=self.trainer.network, head=self.head))  # (R, A)
+            out[start : start + len(chunk), self.scored_items] = values[: len(chunk), self.action_of_item]
+        return out
