@@ -13,7 +13,9 @@ from prometheus_client import CollectorRegistry
 from services.actor.service import ActorMetrics
 from services.learner.service import LearnerMetrics
 from services.metrics import ConsumerLag
+from services.ops.supervisor import SupervisorMetrics
 from services.replay.service import ReplayMetrics
+from services.simulator.service import SimulatorMetrics
 from services.state_builder.service import StateBuilderMetrics
 
 PROMETHEUS = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
@@ -41,7 +43,14 @@ def test_every_alert_fires_in_its_unit_test() -> None:
 
 def exported_names() -> set[str]:
     names: set[str] = set()
-    for metrics_class in (ReplayMetrics, StateBuilderMetrics, LearnerMetrics, ActorMetrics):
+    for metrics_class in (
+        ReplayMetrics,
+        StateBuilderMetrics,
+        LearnerMetrics,
+        ActorMetrics,
+        SimulatorMetrics,
+        SupervisorMetrics,
+    ):
         registry = CollectorRegistry()
         metrics_class(registry)
         ConsumerLag(registry, "g")
