@@ -5,10 +5,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 KAFKA  := deploy/kafka/kafka.sh
 
-.PHONY: help venv demo test lint typecheck unit bench kafka-jars prometheus clean
+.PHONY: help venv demo up test lint typecheck unit bench kafka-jars prometheus clean
 
 help:
 	@echo "make demo   - run the main job on the embedded bus (sets up .venv first)"
+	@echo "make up     - run a whole deployment here (Kafka, services, simulated shoppers, Prometheus)"
 	@echo "make test   - lint, type-check and run all tests against a real Kafka broker and Prometheus"
 	@echo "make bench  - run all benchmarks, writing out/bench.json"
 
@@ -34,6 +35,12 @@ kafka-jars:
 
 demo: $(STAMP)
 	$(BIN)/qrec demo
+
+# A local deployment: Kafka, 2 state-builders, the learner, 2 actors, simulated shoppers at 10x real
+# time and Prometheus on :9090; logs and deployment.json in qrec-run/. Ctrl-C stops it in order.
+UP_ARGS ?= --simulate --simulate-speed 10 --metrics-port 9100
+up: $(STAMP) kafka-jars
+	$(BIN)/qrec up $(UP_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check services rl schemas tests

@@ -281,7 +281,8 @@ def _state_builder_run(
 
 
 def _actor_scoring_case(items: int, quick: bool) -> tuple[float, float]:
-    """(qrec scorer users/s, bare forward + top-k users/s) for a catalogue of ``items``."""
+    """(qrec scorer users/s, bare forward + top-k users/s) for a catalogue of ``items``, over the same
+    arrays, timed alternately in one run so that other load on the machine hits both alike."""
     import jax
     import numpy as np
 
@@ -289,7 +290,7 @@ def _actor_scoring_case(items: int, quick: bool) -> tuple[float, float]:
     from rl.networks import NetworkConfig, QNetwork, init_params
     from services.actor.model import score_and_select
 
-    batch, window, dim, k = 256, 20, 61, 10
+    batch, window, dim, k, blocked_per_user = 256, 20, 61, 10, 20
     rng = np.random.default_rng(0)
     network = QNetwork(NetworkConfig(num_actions=items + 2, embed_dim=64, hidden_sizes=(256, 256)))
     obs = ObsBatch(
@@ -299,14 +300,17 @@ def _actor_scoring_case(items: int, quick: bool) -> tuple[float, float]:
         features=rng.random((batch, dim)).astype(np.float32),
     )
     params = jax.jit(init_params, static_argnums=0)(network, obs, jax.random.key(0))
-    allowed = np.ones((batch, items + 2), bool)
-    allowed[:, :2] = False
-    keys = jax.vmap(jax.random.key)(np.arange(batch, dtype=np.uint32))
+    # As the actor serves: one mask for the batch (padding and unknown-item slots, unavailable items),
+    # plus per-user exclusions (purchased, previous slate) as indices.
+    allowed = np.ones((items + 2,), bool)  # (A,)
+    allowed[:2] = False
+    blocked = rng.integers(2, items + 2, (batch, blocked_per_user)).astype(np.int32)  # (B, m)
+    seeds = np.arange(batch, dtype=np.uint32)
     epsilon = np.float32(0.1)
 
     def qrec() -> int:
         out = score_and_select(
-            params, obs, allowed, keys, epsilon, network=network, k=k, exploration="epsilon"
+            params, obs, allowed, seeds, epsilon, network=network, k=k, exploration="epsilon", blocked=blocked
         )
         jax.block_until_ready(out)
         return batch
@@ -321,25 +325,37 @@ def _actor_scoring_case(items: int, quick: bool) -> tuple[float, float]:
 
     qrec()
     bare()
-    repeats = 3 if quick else 10
-    return _rate(batch, qrec, repeats), _rate(batch, bare, repeats)
+    rounds = 3 if quick else 10
+    qrec_s = bare_s = 0.0
+    for _ in range(rounds):
+        started = time.perf_counter()
+        qrec()
+        qrec_s += time.perf_counter() - started
+        started = time.perf_counter()
+        bare()
+        bare_s += time.perf_counter() - started
+    return batch * rounds / qrec_s, batch * rounds / bare_s
 
 
 def bench_actor_scoring(quick: bool) -> dict[str, Any]:
     """Users scored per second by the actor's compiled scorer (Q for every item, then an epsilon-greedy
-    slate with propensities), next to a bare jitted forward pass + top-k over the same arrays."""
+    slate with propensities and masks), next to a bare jitted forward pass + top-k over the same arrays."""
     results: dict[str, Any] = {"batch_users": 256}
     for label, items in (("1k", 1_000), ("100k", 100_000)):
         qrec, bare = _actor_scoring_case(items, quick)
         results[f"scoring_users_per_s_{label}"] = round(qrec)
         results[f"bare_users_per_s_{label}"] = round(bare)
         results[f"ratio_to_bare_{label}"] = round(qrec / bare, 3)
+        results[f"scoring_items_per_s_{label}"] = round(qrec * (items + 2))
     return results
 
 
-def bench_actor_latency(quick: bool, servers: str) -> dict[str, Any]:
+def bench_actor_latency(quick: bool, servers: str, kafka_client: str = "kafka-python") -> dict[str, Any]:
     """End-to-end latency on the real broker at a fixed offered load: a view produced to the clickstream
-    until its recommendation is consumed, through a state-builder and an actor in their own processes."""
+    until its recommendation is consumed, through a state-builder and an actor in their own processes.
+
+    Per hop, from the same run: event produced -> the recommendation's ``created_at`` (producer,
+    state-builder, user-state topic and actor), and ``created_at`` -> consumed (actor flush + fetch)."""
     import os
     import subprocess
     import sys
@@ -352,11 +368,15 @@ def bench_actor_latency(quick: bool, servers: str) -> dict[str, Any]:
     from services.bus.base import TopicSpec
     from services.bus.kafka import KafkaBus, KafkaSettings
 
+    if kafka_client == "confluent":
+        from services.bus.confluent import ConfluentBus
+
     suffix = uuid.uuid4().hex[:8]
     names = {
         n: f"bench.lat.{n}.{suffix}" for n in ("clicks", "recs", "state", "transitions", "dead", "model")
     }
-    bus = KafkaBus(KafkaSettings(bootstrap_servers=servers))
+    settings = KafkaSettings(bootstrap_servers=servers)
+    bus = ConfluentBus(settings) if kafka_client == "confluent" else KafkaBus(settings)
     bus.create_topics(
         [TopicSpec(names[n], 6) for n in ("clicks", "recs", "transitions")]
         + [
@@ -366,7 +386,13 @@ def bench_actor_latency(quick: bool, servers: str) -> dict[str, Any]:
         ]
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("QREC_")}
-    common = ["--bootstrap-servers", servers, f"--dead-letter-topic={names['dead']}", "--no-create-topics"]
+    common = [
+        "--bootstrap-servers",
+        servers,
+        f"--kafka-client={kafka_client}",
+        f"--dead-letter-topic={names['dead']}",
+        "--no-create-topics",
+    ]
     processes = [
         subprocess.Popen(
             [
@@ -403,30 +429,56 @@ def bench_actor_latency(quick: bool, servers: str) -> dict[str, Any]:
     rate = 1000.0
     seconds = 5.0 if quick else 20.0
     warmup = 3.0
-    sent_at: dict[str, float] = {}
+    sent_at: dict[str, float] = {}  # event id -> wall-clock seconds when produced
     latencies: list[float] = []
+    created: list[float] = []  # event produced -> recommendation made (its created_at)
+    delivered: list[float] = []  # recommendation made -> consumed here
     consumer = bus.consumer()
+    # Only the recommendations: reading the (larger) user states here too would load this process
+    # and delay the very timestamps it takes.
     consumer.assign([TopicPartition(names["recs"], p) for p in range(6)])
     done = threading.Event()
+    warmed = threading.Event()
 
     def consume() -> None:
         while not done.is_set():
-            for record in consumer.poll(max_records=5000, timeout_s=0.1):
-                now = time.perf_counter()
+            for record in consumer.poll(max_records=5000, timeout_s=0.05):
+                now = time.time()
                 rec = RECOMMENDATIONS.decode(record.value)
+                if isinstance(rec, Recommendation) and rec.source_event_id.startswith("warm-"):
+                    warmed.set()
                 if isinstance(rec, Recommendation) and rec.source_event_id in sent_at:
-                    latencies.append(now - sent_at[rec.source_event_id])
+                    sent = sent_at[rec.source_event_id]
+                    latencies.append(now - sent)
+                    created.append(rec.created_at / 1000.0 - sent)
+                    delivered.append(now - rec.created_at / 1000.0)
 
     try:
         producer = bus.producer()
-        # Warm up: the services join their groups and compile their scorers before the measurement.
-        for i in range(50):
-            event = synthetic_events(1, seed=i)[0]
-            producer.send(names["clicks"], event.user_id.encode(), encode(event))
-        producer.flush()
-        time.sleep(warmup + 10)
+        # Warm up until the pipeline answers: the services start, join their groups and compile
+        # their scorers (a minute or more on a busy machine). Events sent before that would only
+        # measure the start-up backlog.
         reader = threading.Thread(target=consume, daemon=True)
         reader.start()
+        ready_by = time.monotonic() + 600
+        warm = 0
+        while not warmed.is_set():
+            if time.monotonic() > ready_by:
+                raise RuntimeError("the state-builder and actor did not answer within 10 minutes")
+            event = synthetic_events(1, seed=warm)[0]
+            view = ClickEvent(
+                event_id=f"warm-{suffix}-{warm}",
+                user_id=event.user_id,
+                session_id=event.session_id,
+                event_type="view",
+                timestamp=int(time.time() * 1000),
+                item_id=event.item_id,
+            )
+            producer.send(names["clicks"], view.user_id.encode(), encode(view))
+            producer.flush()
+            warm += 1
+            warmed.wait(0.2)
+        time.sleep(warmup)
         events = synthetic_events(int(rate * seconds), seed=99)
         started = time.perf_counter()
         for i, event in enumerate(events):
@@ -441,10 +493,10 @@ def bench_actor_latency(quick: bool, servers: str) -> dict[str, Any]:
                 timestamp=int(time.time() * 1000),
                 item_id=event.item_id,
             )
-            sent_at[view.event_id] = time.perf_counter()
+            sent_at[view.event_id] = time.time()
             producer.send(names["clicks"], view.user_id.encode(), encode(view))
-            if i % 20 == 0:
-                producer.flush()
+            # No flush per event: a flush waits for the broker's acknowledgement and would cap the
+            # offered rate; the producer's linger (a few ms) sends each event promptly.
         producer.flush()
         offered = len(events) / (time.perf_counter() - started)
         deadline = time.perf_counter() + 30
@@ -462,14 +514,23 @@ def bench_actor_latency(quick: bool, servers: str) -> dict[str, Any]:
                 process.kill()
         consumer.close()
         bus.close()
-    values = np.asarray(latencies) * 1000.0
+
+    def percentiles(seconds: list[float], prefix: str) -> dict[str, float | None]:
+        values = np.asarray(seconds) * 1000.0
+        return {
+            f"{prefix}p{q}_ms": round(float(np.percentile(values, q)), 1) if values.size else None
+            for q in (50, 95, 99)
+        }
+
     return {
-        "p50_ms": round(float(np.percentile(values, 50)), 1) if values.size else None,
-        "p95_ms": round(float(np.percentile(values, 95)), 1) if values.size else None,
-        "p99_ms": round(float(np.percentile(values, 99)), 1) if values.size else None,
+        **percentiles(latencies, ""),
         "offered_events_per_s": round(offered),
-        "recommendations_received": int(values.size),
+        "recommendations_received": len(latencies),
         "events_sent": len(events),
+        "kafka_client": kafka_client,
+        # Per hop: event produced -> recommendation made, and made -> read back (flush + fetch).
+        **percentiles(created, "hop_made_"),
+        **percentiles(delivered, "hop_delivered_"),
     }
 
 
@@ -490,6 +551,7 @@ def run_benchmarks(
     json_path: Path | None,
     bootstrap_servers: str | None = None,
     console: Console | None = None,
+    kafka_client: str = "kafka-python",
 ) -> dict[str, Any]:
     """Run the named benchmarks and write one JSON object keyed by benchmark name."""
     console = console or Console(stderr=True)
@@ -516,7 +578,7 @@ def run_benchmarks(
                 results["state_builder"] = bench_state_builder(quick, servers)
             if "actor" in names:
                 console.print("bench actor latency ...")
-                results["actor"].update(bench_actor_latency(quick, servers))
+                results["actor"].update(bench_actor_latency(quick, servers, kafka_client))
     results["_meta"] = {
         "quick": quick,
         "python": platform.python_version(),

@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,6 +235,36 @@ def cmd_forget(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from services.learner.rollback import RollbackConfig, kept_versions, rollback
+
+    config = config_from_args(RollbackConfig, args)
+    if config.to_version == 0:
+        table = Table(title=f"model versions kept beside {config.checkpoint_dir}")
+        for column in ("version", "step", "transitions learned", "published at (UTC)"):
+            table.add_column(column, justify="right")
+        for kept in kept_versions(Path(config.checkpoint_dir)):
+            when = kept["created_at"]
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(when)) if when else ""
+            table.add_row(str(kept["version"]), f"{kept['step']:,}", f"{kept['learned']:,}", stamp)
+        console.print(table)
+        return 0
+    if config.bootstrap_servers == "embedded":
+        raise ConfigError("rollback publishes to your Kafka: pass --bootstrap-servers HOST:PORT")
+    bus = make_bus(config)
+    try:
+        done = rollback(config, bus)
+    finally:
+        bus.close()
+    console.print(
+        f"version {done['rolled_back_to']} is served again as version {done['published_as']} "
+        f"({done['bytes']:,} bytes); the learner's checkpoint now resumes from it: restart the learner"
+    )
+    return 0
+
+
 def cmd_learner(args: argparse.Namespace) -> int:
     from services.learner.config import LearnerServiceConfig
     from services.learner.service import Learner
@@ -257,6 +288,21 @@ def cmd_learner(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tabular_learner(args: argparse.Namespace) -> int:
+    from services.learner.tabular import TabularLearner, TabularLearnerConfig
+
+    config = config_from_args(TabularLearnerConfig, args)
+    console.print(f"tabular learner consuming {config.transitions_topic}, publishing to {config.model_topic}")
+    learner = _run_service(
+        config,
+        "tabular learner",
+        lambda bus, registry: TabularLearner(config, bus, registry),
+        group_member=False,
+    )
+    console.print(f"tabular learner stopped at table version {learner.version}, {learner.learned:,} updates")
+    return 0
+
+
 def cmd_actor(args: argparse.Namespace) -> int:
     from services.actor.config import ActorConfig
     from services.actor.service import Actor
@@ -270,10 +316,15 @@ def cmd_actor(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from services.learner.config import TrainConfig
-    from services.learner.offline import train_from_log
+    from services.learner.offline import train_from_log, train_from_topic
 
     config = config_from_args(TrainConfig, args)
-    train_from_log(config, console)
+    if config.from_topic is not None:
+        if config.bootstrap_servers == "embedded":
+            raise ConfigError("--from-topic reads a Kafka topic: give --bootstrap-servers HOST:PORT")
+        train_from_topic(config, console)
+    else:
+        train_from_log(config, console)
     return 0
 
 
@@ -289,7 +340,52 @@ def cmd_bench(args: argparse.Namespace) -> int:
         json_path=args.json,
         bootstrap_servers=args.bootstrap_servers,
         console=console,
+        kafka_client=args.kafka_client,
     )
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from services.simulator.service import SimulateConfig, Simulator
+
+    config = config_from_args(SimulateConfig, args)
+    console.print(
+        f"simulated shop producing to {config.clickstream_topic} at {config.speed:g}x real time, "
+        f"showing {config.recommendations_topic} to its shoppers"
+    )
+    simulator = _run_service(
+        config,
+        "simulator",
+        lambda bus, registry: Simulator(config, bus, registry),
+        group_member=False,
+        without_kafka="qrec demo runs the simulator with every service on the embedded bus",
+    )
+    summary = simulator.summary
+    shown = sum(summary.recommendations_by_policy.values())
+    clicks = sum(summary.clicks_by_policy.values())
+    console.print(
+        f"simulator stopped after {summary.simulated_seconds:,.0f} simulated seconds: "
+        f"{summary.events_produced:,} events produced, {shown:,} recommendations shown, {clicks:,} clicked"
+    )
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from services.ops.config import UpConfig
+    from services.ops.supervisor import run_up
+
+    config = config_from_args(UpConfig, args)
+    run_up(config, console, config_file=args.config)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from services.ops.config import StatusConfig
+    from services.ops.status import run_status
+
+    config = config_from_args(StatusConfig, args)
+    # Piped output (a file, a terminal-less job) gets wide tables rather than 80 columns.
+    run_status(config, Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200))
     return 0
 
 
@@ -298,6 +394,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     config = config_from_args(DemoConfig, args)
     run_demo(config, console)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from services.evaluate.config import EvaluateConfig
+    from services.evaluate.ope import run_ope
+    from services.evaluate.service import finite, run_evaluate
+
+    if args.log_file is not None:
+        args.log = args.log_file
+    config = config_from_args(EvaluateConfig, args)
+    result = run_ope(config, console) if config.ope is not None else run_evaluate(config, console)
+    if config.json:
+        sys.stdout.write(json.dumps(finite(result), indent=2) + "\n")
     return 0
 
 
@@ -321,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from services.actor.config import ActorConfig
     from services.demo import DemoConfig
+    from services.evaluate.config import EvaluateConfig
     from services.learner.config import LearnerServiceConfig, TrainConfig
     from services.replay.config import RecordConfig, ReplayConfig
     from services.state_builder.config import StateBuilderConfig
@@ -350,14 +463,39 @@ def build_parser() -> argparse.ArgumentParser:
         sub("learner", "train the DQN from the transitions topic and publish models", cmd_learner),
         LearnerServiceConfig,
     )
+    from services.learner.tabular import TabularLearnerConfig
+
+    add_arguments(
+        sub(
+            "tabular-learner",
+            "learn the tabular Q baseline (category-level actions) from transitions and publish its table",
+            cmd_tabular_learner,
+        ),
+        TabularLearnerConfig,
+    )
     add_arguments(
         sub("actor", "publish recommendations for recommendation opportunities", cmd_actor), ActorConfig
     )
     add_arguments(
-        sub("train", "train the DQN offline from a recorded log (learning curve and model)", cmd_train),
+        sub(
+            "train",
+            "train the DQN offline from a recorded log or the transitions topic (learning curve and model)",
+            cmd_train,
+        ),
         TrainConfig,
     )
     add_arguments(sub("forget", "delete everything qrec keeps about one user", cmd_forget), ForgetConfig)
+    from services.learner.rollback import RollbackConfig
+
+    add_arguments(
+        sub(
+            "rollback",
+            "serve an earlier model version again (stop the learner first); without --to-version, list "
+            "the versions kept",
+            cmd_rollback,
+        ),
+        RollbackConfig,
+    )
     bench = sub("bench", "run benchmarks and write their figures as JSON", cmd_bench)
     bench.add_argument(
         "names",
@@ -372,6 +510,41 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="benchmark against this Kafka; by default a local broker is started from deploy/kafka",
     )
+    bench.add_argument(
+        "--kafka-client",
+        choices=("kafka-python", "confluent"),
+        default="kafka-python",
+        help="Kafka client of the services (and the benchmark's own producer and consumer) in the "
+        "actor's latency run",
+    )
+    from services.ops.config import StatusConfig, UpConfig
+    from services.simulator.service import SimulateConfig
+
+    add_arguments(
+        sub(
+            "up",
+            "run a whole deployment on this machine (Kafka, state-builders, learner, actors, Prometheus), "
+            "restarting crashed processes; Ctrl-C stops it in order",
+            cmd_up,
+        ),
+        UpConfig,
+    )
+    add_arguments(
+        sub(
+            "status",
+            "consumer lag, model versions and rates of a running deployment (qrec up's, or given by flags)",
+            cmd_status,
+        ),
+        StatusConfig,
+    )
+    add_arguments(
+        sub(
+            "simulate",
+            "simulated shoppers on Kafka: events to the clickstream, reactions to the recommendations",
+            cmd_simulate,
+        ),
+        SimulateConfig,
+    )
     add_arguments(
         sub(
             "demo",
@@ -380,6 +553,16 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         DemoConfig,
     )
+    evaluate = sub(
+        "evaluate",
+        "offline evaluation on a recorded log: the DQN against baselines (HR@k, NDCG@k), or "
+        "off-policy estimates from recorded recommendations (--ope)",
+        cmd_evaluate,
+    )
+    evaluate.add_argument(
+        "log_file", nargs="?", metavar="LOG", help="log to evaluate on (same as --log; any replay format)"
+    )
+    add_arguments(evaluate, EvaluateConfig)
     return parser
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from schemas.codec import CLICK_EVENTS, RECOMMENDATIONS, DecodeError, encode
-from schemas.messages import ClickEvent, Recommendation
+from schemas.messages import SCHEMA_VERSIONS, ClickEvent, Recommendation
 from services.bus.base import Bus, BusError, Record, TopicPartition
 from services.dead_letter import DeadLetterSink, dead_letter
 from services.metrics import ConsumerLag, ProcessMetrics, next_offsets
@@ -42,8 +42,8 @@ RECORD_ONLY = b"record-only"
 CONTROL_HEADER = "qrec-control"
 FORGET = b"forget"
 SCHEMA_HEADERS = {
-    "user_state": ("qrec-schema", b"user_state/1-0-0"),
-    "transition": ("qrec-schema", b"transition/1-0-0"),
+    name: ("qrec-schema", f"{name}/{SCHEMA_VERSIONS[name][0]}".encode())
+    for name in ("user_state", "transition")
 }
 # Sweep timers of idle users at most this often (in event time); results do not depend on it.
 SWEEP_EVERY_MS = 60_000
@@ -107,7 +107,7 @@ class StateBuilderMetrics(ProcessMetrics):
         )
         self.attribution = Counter(
             "qrec_state_builder_attribution_total",
-            "Recommended slots closed, by the recommending policy and outcome (clicked, not_clicked, expired)",
+            "Recommended slots closed, by recommending policy and outcome (clicked, not_clicked, expired)",
             ["policy", "outcome"],
             registry=registry,
         )
