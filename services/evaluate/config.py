@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.config import ConfigError, register, setting
+from services.learner.config import parse_hidden_sizes
 
 SPLITS = ("users", "sessions", "time")
 PROTOCOLS = ("sqn", "session")
@@ -127,15 +128,7 @@ class EvaluateConfig:
         self.hidden()
 
     def hidden(self) -> tuple[int, ...]:
-        try:
-            sizes = tuple(int(part) for part in self.hidden_sizes.split(",") if part.strip())
-        except ValueError:
-            raise ConfigError(
-                f"hidden_sizes must be comma-separated integers, got {self.hidden_sizes!r}"
-            ) from None
-        if not sizes or min(sizes) < 1:
-            raise ConfigError(f"hidden_sizes must be positive integers, got {self.hidden_sizes!r}")
-        return sizes
+        return parse_hidden_sizes(self.hidden_sizes)
 
     def model_names(self) -> list[str]:
         return [name.strip() for name in self.models.split(",") if name.strip()]

@@ -11,6 +11,17 @@ from services.topics import DEAD_LETTER, MODEL, TRANSITIONS
 ACTION_GRANULARITIES = ("item", "category", "brand")
 
 
+def parse_hidden_sizes(text: str) -> tuple[int, ...]:
+    """'256,256' -> (256, 256); a ConfigError names the setting when the text is not that."""
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"hidden_sizes must be comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(f"hidden_sizes must be positive integers, got {text!r}")
+    return sizes
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelSettings:
     """Model and training hyperparameters shared by the streaming learner and offline training."""
@@ -48,15 +59,7 @@ class ModelSettings:
     )
 
     def hidden(self) -> tuple[int, ...]:
-        try:
-            sizes = tuple(int(part) for part in self.hidden_sizes.split(",") if part.strip())
-        except ValueError:
-            raise ConfigError(
-                f"hidden_sizes must be comma-separated integers, got {self.hidden_sizes!r}"
-            ) from None
-        if not sizes or min(sizes) < 1:
-            raise ConfigError(f"hidden_sizes must be positive integers, got {self.hidden_sizes!r}")
-        return sizes
+        return parse_hidden_sizes(self.hidden_sizes)
 
     def check(self) -> None:
         self.hidden()
