@@ -173,6 +173,10 @@ class QNetwork(nn.Module):
         hidden = self.encode(obs)
         return self._q_taken_from_hidden(hidden, actions), self._next_item_from_hidden(hidden)
 
+    def state_and_value(self, obs: ObsBatch) -> tuple[jax.Array, jax.Array | None]:
+        """f(s) (B, E) and, for the dueling form, V(s) (B,): what scoring the actions starts from."""
+        return self._advantage_parts(self.encode(obs))
+
     def initialize_all(self, obs: ObsBatch) -> tuple[jax.Array, jax.Array | None]:
         """Touch every submodule so `init` creates all parameters; returns (q, logits or None)."""
         hidden = self.encode(obs)

@@ -351,3 +351,28 @@ def test_sqn_next_item_head_learns_a_deterministic_sequence() -> None:
     assert before <= 0.5
     assert after == 1.0, f"next-item accuracy {after} (chance {1 / SEQUENCE_ITEMS})"
     assert float(losses[-1][-1]) < 0.2 * float(losses[0][0])
+
+
+@pytest.mark.parametrize("double_dqn", [False, True])
+@pytest.mark.parametrize("dueling", [False, True])
+def test_chunked_bootstrap_equals_the_full_score_matrix(double_dqn: bool, dueling: bool) -> None:
+    """Large catalogues reduce the bootstrap over chunks; the targets are those of the full (B, A) form."""
+    from rl.train import _plain_bootstrap_targets, chunked_bootstrap_values
+
+    num_actions = 5_000  # > BOOTSTRAP_CHUNK, with a last chunk that is partly padding
+    config = NetworkConfig(num_actions=num_actions, embed_dim=8, hidden_sizes=(16,), dueling=dueling)
+    network = QNetwork(config)
+    rng = np.random.default_rng(3)
+    batch = random_batch(rng, 32, num_actions)
+    state = create_train_state(config, PERIODIC, batch.obs_tm1, jax.random.key(1))
+    # Online and target differ, so Double DQN's selector and evaluator are not the same network.
+    state = state.replace(target_params=jax.tree.map(lambda x: x * 0.5 + 0.01, state.params))
+    mask = np.ones((num_actions,), bool)
+    mask[rng.choice(num_actions, 2_000, replace=False)] = False
+    discount = jnp.asarray(0.9 * batch.discount_t)
+    for action_mask in (None, jnp.asarray(mask)):
+        expected = _plain_bootstrap_targets(state, batch, network, double_dqn, discount, action_mask)
+        q_boot = chunked_bootstrap_values(
+            network, state.params, state.target_params, batch.obs_t, action_mask, double_dqn=double_dqn
+        )
+        np.testing.assert_allclose(batch.r_t + discount * q_boot, expected, rtol=1e-5, atol=1e-5)
