@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -109,15 +110,33 @@ def test_group_members_share_co_partitioned_topics_by_range(bus: Bus, name: Call
     while len(first.assignment()) < 8 and time.monotonic() < deadline:
         seen.extend(first.poll(timeout_s=0.1))
     assert len(first.assignment()) == 8, first.assignment()
-    second.subscribe([clicks, recs])
+    # Each member polls in its own thread, as each runs in its own process in production: a member
+    # waiting in a group rejoin must not keep the other from polling (and so from rejoining).
+    assignments: dict[int, set[TopicPartition]] = {}
+    stop = threading.Event()
+
+    def run(member: int, consumer: Consumer) -> None:
+        if member == 1:
+            consumer.subscribe([clicks, recs])
+        while not stop.is_set():
+            consumer.poll(timeout_s=0.1)
+            assignments[member] = consumer.assignment()
+
+    threads = [threading.Thread(target=run, args=pair, daemon=True) for pair in enumerate((first, second))]
+    for thread in threads:
+        thread.start()
+
+    def balanced() -> bool:
+        a, b = assignments.get(0, set()), assignments.get(1, set())
+        return len(a) == 4 and len(b) == 4 and not a & b
+
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        seen.extend(first.poll(timeout_s=0.1))
-        seen.extend(second.poll(timeout_s=0.1))
-        a, b = first.assignment(), second.assignment()
-        if len(a) == 4 and len(b) == 4 and not a & b:
-            break
-    a, b = first.assignment(), second.assignment()
+    while not balanced() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    a, b = assignments.get(0, set()), assignments.get(1, set())
     assert len(a) == 4 and len(b) == 4 and not a & b, (a, b)
     for assigned in (a, b):
         assert {tp.partition for tp in assigned if tp.topic == clicks} == {
