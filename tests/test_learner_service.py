@@ -120,6 +120,7 @@ def test_killed_learner_resumes_from_its_checkpoint_at_a_higher_version(
         f"--group-id={unique_name('learner')}",
         f"--dead-letter-topic={unique_name('dead')}",
         "--no-create-topics",
+        "--publish-every-seconds=5",
         *[f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()],
     ]
     produce(bus, topic, transitions[:1500])

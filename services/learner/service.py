@@ -382,6 +382,10 @@ class Learner:
             if len(self.trainer.buffer) >= self.config.min_replay_size:
                 self.updates_due += added * self.config.replay_ratio / self.config.batch_size
         per_call = self.config.updates_per_call
+        if not records and 0 < self.updates_due < per_call:
+            # The stream went quiet with less than one fused call due: train it now (rounded up to a
+            # call), so the last transitions are learned and published instead of waiting for more.
+            self.updates_due = per_call
         if self.updates_due >= per_call:
             calls = int(self.updates_due // per_call)
             result = self.trainer.train(calls * per_call)
