@@ -20,7 +20,14 @@ from pathlib import Path
 import pytest
 
 from services.local_kafka import LocalKafka, LocalKafkaError
-from tests.helpers import ExternalKafka, PrometheusError, PrometheusServer, start_prometheus
+from tests.helpers import (
+    SHARED_DATA,
+    ExternalKafka,
+    PrometheusError,
+    PrometheusServer,
+    require_shared_data,
+    start_prometheus,
+)
 
 BOOTSTRAP_ENV = "QREC_TEST_BOOTSTRAP_SERVERS"
 
@@ -89,3 +96,10 @@ def prometheus_server(tmp_path: Path) -> Iterator[Callable[..., PrometheusServer
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The recorded logs folder; a test using it fails (never skips) when the folder is absent."""
+    require_shared_data()
+    return SHARED_DATA

@@ -18,6 +18,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+# The real recorded logs (see shared/data/PROVENANCE.md), in the shared folder beside the repository.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TAOBAO = SHARED_DATA / "taobao_userbehavior_head" / "UserBehavior_head.csv"
+DIGINETICA = SHARED_DATA / "diginetica_sample" / "sample_train-item-views.csv"
+
+
+def require_shared_data(*paths: Path) -> None:
+    """Fail (never skip) the calling test when a recorded log it reads is absent."""
+    for path in paths or (SHARED_DATA,):
+        if not path.exists():
+            pytest.fail(
+                f"{path} is missing: the tests read the recorded logs in shared/data beside the "
+                "repository (clone qrec next to the shared folder)"
+            )
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now (the OS picks it)."""

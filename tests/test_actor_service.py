@@ -33,15 +33,7 @@ from services.state_builder.config import StateBuilderConfig
 from services.state_builder.service import UPDATE_HEADER, StateBuilder
 from services.topics import MODEL, USER_STATE
 from services.topics import RECOMMENDATIONS as RECOMMENDATIONS_TOPIC
-from tests.helpers import read_topic, start_service, wait_until
-
-TAOBAO = (
-    Path(__file__).resolve().parents[2]
-    / "shared"
-    / "data"
-    / "taobao_userbehavior_head"
-    / "UserBehavior_head.csv"
-)
+from tests.helpers import TAOBAO, read_topic, require_shared_data, start_service, wait_until
 
 
 def test_policy_split_is_stable_and_close_to_its_shares() -> None:
@@ -121,8 +113,7 @@ def drain(*services: StateBuilder | Actor | Learner) -> None:
 
 
 def test_closed_pipeline_on_the_embedded_bus_with_model_swaps(tmp_path: Path) -> None:
-    if not TAOBAO.is_file():
-        pytest.skip(f"{TAOBAO} is absent (the shared data folder sits beside the repository)")
+    require_shared_data(TAOBAO)
     events = sorted((e for row in read_log(TAOBAO) for e in row.events), key=lambda e: e.timestamp)
     logs = []
     for name, part in (("a", events[:3000]), ("b", events[3000:4000]), ("c", events[4000:4500])):
@@ -213,8 +204,7 @@ def test_closed_pipeline_on_the_embedded_bus_with_model_swaps(tmp_path: Path) ->
 def test_separate_processes_serve_every_opportunity_through_a_kill_and_a_model_swap(
     bootstrap_servers: str, unique_name: Callable[[str], str], tmp_path: Path
 ) -> None:
-    if not TAOBAO.is_file():
-        pytest.skip(f"{TAOBAO} is absent (the shared data folder sits beside the repository)")
+    require_shared_data(TAOBAO)
     events = sorted((e for row in read_log(TAOBAO) for e in row.events), key=lambda e: e.timestamp)
     first_log, second_log = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
     first_log.write_bytes(b"".join(encode(e) + b"\n" for e in events[:2000]))

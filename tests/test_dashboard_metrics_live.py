@@ -24,12 +24,19 @@ from schemas.codec import RECOMMENDATIONS, encode
 from schemas.messages import ClickEvent, Recommendation
 from services.bus.base import TopicSpec
 from services.bus.kafka import KafkaBus, KafkaSettings
-from tests.helpers import PrometheusServer, free_port, read_topic, start_service, wait_until
+from tests.helpers import (
+    TAOBAO,
+    PrometheusServer,
+    free_port,
+    read_topic,
+    require_shared_data,
+    start_service,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "qrec.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
-TAOBAO = ROOT.parent / "shared" / "data" / "taobao_userbehavior_head" / "UserBehavior_head.csv"
 # Twenty minutes of the Taobao sample (about 400 events, 380 of them views), then ten minutes an hour
 # later: by then every slate's 30-minute attribution window has closed in event time.
 FIRST_SLICE = ("2017-12-02T13:20:00Z", "2017-12-02T13:40:00Z")
@@ -99,8 +106,7 @@ def test_dashboard_and_alerts_read_only_metrics_that_live_processes_serve(
     prometheus_server: Callable[..., PrometheusServer],
     tmp_path: Path,
 ) -> None:
-    if not TAOBAO.is_file():
-        pytest.skip(f"{TAOBAO} is absent (the shared data folder sits beside the repository)")
+    require_shared_data(TAOBAO)
     bus = KafkaBus(KafkaSettings(bootstrap_servers=bootstrap_servers))
     names = {n: unique_name(n) for n in ("clicks", "recs", "state", "transitions", "dead", "model")}
     bus.create_topics(

@@ -16,10 +16,8 @@ from services.evaluate.baselines import Cooccurrence, Popularity, Recent, Tabula
 from services.evaluate.config import EvaluateConfig
 from services.evaluate.report import aggregate, spread
 from services.evaluate.splits import Catalogue, Target, load_log, split_keys, split_log, targets_for
+from tests.helpers import DIGINETICA, TAOBAO, require_shared_data
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-TAOBAO = DATA / "taobao_userbehavior_head" / "UserBehavior_head.csv"
-DIGINETICA = DATA / "diginetica_sample" / "sample_train-item-views.csv"
 T0 = 1_700_000_000_000
 
 
@@ -183,8 +181,8 @@ QUICK = [
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.skipif(not TAOBAO.is_file(), reason=f"sample data not found at {TAOBAO}")
 def test_evaluate_json_on_a_taobao_slice(tmp_path, capsys):
+    require_shared_data(TAOBAO)
     code = main(["evaluate", str(TAOBAO), "--limit", "3000", "--out", str(tmp_path), *QUICK])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
@@ -203,8 +201,8 @@ def test_evaluate_json_on_a_taobao_slice(tmp_path, capsys):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.skipif(not DIGINETICA.is_file(), reason=f"sample data not found at {DIGINETICA}")
 def test_session_protocol_on_a_given_diginetica_split(tmp_path, capsys):
+    require_shared_data(DIGINETICA)
     lines = DIGINETICA.read_text().splitlines()
     header, rows = lines[0], lines[1:3001]
     train, test = tmp_path / "train.csv", tmp_path / "test.csv"

@@ -20,15 +20,8 @@ from services.learner.offline import logged_transitions
 from services.learner.service import Learner
 from services.learner.trainer import load_bundle
 from services.model_topic import ModelAssembler
-from tests.helpers import start_service, wait_until
+from tests.helpers import TAOBAO, require_shared_data, start_service, wait_until
 
-TAOBAO = (
-    Path(__file__).resolve().parents[2]
-    / "shared"
-    / "data"
-    / "taobao_userbehavior_head"
-    / "UserBehavior_head.csv"
-)
 SMALL = {
     "window": 20,
     "vocabulary_capacity": 2000,
@@ -44,8 +37,7 @@ SMALL = {
 
 @pytest.fixture(scope="module")
 def transitions(tmp_path_factory: pytest.TempPathFactory) -> list[Transition]:
-    if not TAOBAO.is_file():
-        pytest.skip(f"{TAOBAO} is absent (the shared data folder sits beside the repository)")
+    require_shared_data(TAOBAO)
     head = tmp_path_factory.mktemp("log") / "head.csv"
     with TAOBAO.open("rb") as source:
         head.write_bytes(b"".join(line for _, line in zip(range(4000), source, strict=False)))

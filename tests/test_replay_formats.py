@@ -11,17 +11,14 @@ import pytest
 from schemas.codec import CLICK_EVENTS, REASON_CODES, DecodeError, encode
 from schemas.messages import ClickEvent
 from services.replay.formats import FORMATS, Row, detect_format, iter_events, read_log
+from tests.helpers import DIGINETICA, SHARED_DATA, TAOBAO
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-TAOBAO = DATA / "taobao_userbehavior_head" / "UserBehavior_head.csv"
-DIGINETICA = DATA / "diginetica_sample" / "sample_train-item-views.csv"
+DATA = SHARED_DATA
 REES46 = DATA / "rees46_2019oct_head" / "2019-Oct-sample.csv"
 OTTO = DATA / "otto_sample" / "train.jsonl"
 
-needs_data = pytest.mark.skipif(
-    not DATA.is_dir(),
-    reason=f"the real recorded logs are not at {DATA} (the shared/data folder beside the repository)",
-)
+# Tests of the real recorded logs fail, never skip, when shared/data is absent.
+needs_data = pytest.mark.usefixtures("shared_data")
 
 REES46_HEADER = "event_time,event_type,product_id,category_id,category_code,brand,price,user_id,user_session"
 

@@ -18,10 +18,7 @@ from services.bus.kafka import KafkaBus, KafkaSettings
 from services.replay.config import RecordConfig, ReplayConfig
 from services.replay.formats import read_log
 from services.replay.service import run_record, run_replay
-from tests.helpers import read_topic
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-TAOBAO = SHARED_DATA / "taobao_userbehavior_head" / "UserBehavior_head.csv"
+from tests.helpers import TAOBAO, read_topic, require_shared_data
 
 
 def per_user(events: list[ClickEvent]) -> dict[str, list[ClickEvent]]:
@@ -49,8 +46,7 @@ def kafka_bus(bootstrap_servers: str) -> KafkaBus:
 def test_taobao_sample_replays_through_kafka_and_records_back_identically(
     kafka_bus: KafkaBus, bootstrap_servers: str, unique_name: Callable[[str], str], tmp_path: Path
 ) -> None:
-    if not TAOBAO.is_file():
-        pytest.skip(f"{TAOBAO} is absent (the shared data folder sits beside the repository)")
+    require_shared_data(TAOBAO)
     expected = [e for row in read_log(TAOBAO) for e in row.events]
     topic, dead = unique_name("clickstream"), unique_name("dead-letter")
     config = ReplayConfig(

@@ -24,15 +24,7 @@ from services.state_builder.partition import Emitted, PartitionState
 from services.state_builder.service import CONTROL_HEADER, FORGET, StateBuilder, step_params
 from services.topics import CLICKSTREAM, DEAD_LETTER, RECOMMENDATIONS, USER_STATE, topic_specs
 from services.topics import TRANSITIONS as TRANSITIONS_TOPIC
-from tests.helpers import read_topic, start_service, wait_until
-
-TAOBAO = (
-    Path(__file__).resolve().parents[2]
-    / "shared"
-    / "data"
-    / "taobao_userbehavior_head"
-    / "UserBehavior_head.csv"
-)
+from tests.helpers import TAOBAO, read_topic, require_shared_data, start_service, wait_until
 
 
 def final_states(records: list[Record]) -> dict[str, bytes]:
@@ -203,8 +195,7 @@ def test_forget_deletes_a_user_everywhere() -> None:
 def test_two_processes_one_killed_give_the_same_state_as_one_pure_replay(
     bootstrap_servers: str, unique_name: Callable[[str], str], tmp_path: Path
 ) -> None:
-    if not TAOBAO.is_file():
-        pytest.skip(f"{TAOBAO} is absent (the shared data folder sits beside the repository)")
+    require_shared_data(TAOBAO)
     bus = KafkaBus(KafkaSettings(bootstrap_servers=bootstrap_servers))
     names = {
         "clickstream_topic": unique_name("clicks"),

@@ -6,7 +6,6 @@ import math
 import time
 import zlib
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,8 +38,7 @@ from services.state_builder.step import (
     feature_names,
     next_deadline_ms,
 )
-
-TAOBAO = Path(__file__).resolve().parents[2] / "shared/data/taobao_userbehavior_head/UserBehavior_head.csv"
+from tests.helpers import TAOBAO, require_shared_data
 
 T0 = 1_704_117_600_000  # 2024-01-01T14:00:00Z, a Monday
 SECOND = 1000
@@ -680,8 +678,8 @@ def test_same_inputs_give_byte_identical_outputs_also_across_restores() -> None:
     assert encode_record(record_a) == encode_record(record_b) == encode_record(record_c)
 
 
-@pytest.mark.skipif(not TAOBAO.is_file(), reason=f"sample data not found at {TAOBAO}")
 def test_taobao_sample_is_deterministic_and_speed_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
+    require_shared_data(TAOBAO)
     from services.replay.formats import iter_events, read_log
 
     events = list(iter_events(read_log(TAOBAO, "taobao")))

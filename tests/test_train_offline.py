@@ -5,25 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 from rich.console import Console
 
 from services.learner.config import TrainConfig
 from services.learner.offline import train_from_log
 from services.learner.trainer import load_bundle
-
-TAOBAO = (
-    Path(__file__).resolve().parents[2]
-    / "shared"
-    / "data"
-    / "taobao_userbehavior_head"
-    / "UserBehavior_head.csv"
-)
+from tests.helpers import TAOBAO, require_shared_data
 
 
 def test_training_on_a_real_log_lowers_the_held_out_td_loss(tmp_path: Path) -> None:
-    if not TAOBAO.is_file():
-        pytest.skip(f"{TAOBAO} is absent (the shared data folder sits beside the repository)")
+    require_shared_data(TAOBAO)
     head = tmp_path / "head.csv"
     with TAOBAO.open("rb") as source:
         head.write_bytes(b"".join(line for _, line in zip(range(8000), source, strict=False)))
