@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from rl.tabular import TabularConfig, TabularModel, q_update_in_place, state_index
 from schemas.codec import CLICK_EVENTS, TRANSITIONS, DecodeError
 from schemas.messages import ClickEvent, Observation, Transition
+from services.actor.step import Popularity
 from services.bus.base import Bus, Record, TopicPartition, TopicSpec
 from services.config import BusConfig, ConfigError, register, setting
 from services.dead_letter import DeadLetterSink, dead_letter
@@ -131,9 +132,7 @@ class TabularLearner:
         self.categories: list[str] = []
         self.category_index: dict[str, int] = {}
         self.item_category: dict[str, int] = {}
-        self.popularity: dict[str, float] = {}
-        self.weight = 1.0
-        self.growth = 2.0 ** (1.0 / config.popularity_half_life_events)
+        self.popularity = Popularity(config.popularity_half_life_events)
         self.version = 0
         self.learned = 0
         self.since_publish = 0
@@ -159,11 +158,7 @@ class TabularLearner:
             category = self.category_index[event.category] = len(self.categories)
             self.categories.append(event.category)
         self.item_category[event.item_id] = category
-        self.weight *= self.growth
-        self.popularity[event.item_id] = self.popularity.get(event.item_id, 0.0) + self.weight
-        if self.weight > 1e100:
-            self.popularity = {k: v / self.weight for k, v in self.popularity.items()}
-            self.weight = 1.0
+        self.popularity.observe((event.item_id,))
 
     def _state(self, obs: Observation) -> int:
         last = self.item_category.get(obs.recent_items[-1]) if obs.recent_items else None
@@ -197,7 +192,7 @@ class TabularLearner:
     def model(self) -> TabularModel:
         """The table as served: categories with their most popular items, best first."""
         ranked: list[list[str]] = [[] for _ in self.categories]
-        for item, _ in sorted(self.popularity.items(), key=lambda kv: (-kv[1], kv[0])):
+        for item, _ in sorted(self.popularity.counts.items(), key=lambda kv: (-kv[1], kv[0])):
             items = ranked[self.item_category[item]]
             if len(items) < self.config.items_per_category:
                 items.append(item)
