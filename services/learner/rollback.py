@@ -11,7 +11,6 @@ learner would overwrite the checkpoint at its next publish.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from typing import Any
 
 from services.bus.base import Bus
 from services.config import BusConfig, ConfigError, register, setting
-from services.learner.service import history_dir
+from services.learner.service import history_dir, replace_folder
 from services.model_topic import publish_model
 from services.topics import MODEL
 
@@ -92,12 +91,7 @@ def rollback(config: RollbackConfig, bus: Bus) -> dict[str, Any]:
         meta["learned"] = current["learned"]
         shutil.copyfile(checkpoint_dir / "seen_ids.json", staging / "seen_ids.json")
     (staging / "meta.json").write_text(json.dumps(meta, indent=2))
-    old = checkpoint_dir.with_name(checkpoint_dir.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    os.replace(checkpoint_dir, old)
-    os.replace(staging, checkpoint_dir)
-    shutil.rmtree(old)
+    replace_folder(staging, checkpoint_dir)
 
     header = json.loads((archive / "header.json").read_text())
     producer = bus.producer()

@@ -145,12 +145,17 @@ def write_checkpoint(
         "created_at": time.time(),
     }
     (staging / "meta.json").write_text(json.dumps(meta, indent=2))
-    old = checkpoint_dir.with_name(checkpoint_dir.name + ".old")
-    if checkpoint_dir.exists():
+    replace_folder(staging, checkpoint_dir)
+
+
+def replace_folder(staging: Path, target: Path) -> None:
+    """Put the fully written folder `staging` in place of `target` (renames, so never half written)."""
+    old = target.with_name(target.name + ".old")
+    if target.exists():
         if old.exists():
             shutil.rmtree(old)
-        os.replace(checkpoint_dir, old)
-    os.replace(staging, checkpoint_dir)
+        os.replace(target, old)
+    os.replace(staging, target)
     if old.exists():
         shutil.rmtree(old)
 
@@ -172,9 +177,7 @@ def archive_version(
     shutil.copytree(checkpoint_dir, staging / "checkpoint")
     (staging / "model.bin").write_bytes(model)
     (staging / "header.json").write_text(json.dumps(header, indent=2))
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(staging, target)
+    replace_folder(staging, target)
     archived = sorted(p for p in history.iterdir() if p.is_dir() and p.name.startswith("v"))
     for old in archived[:-keep]:
         shutil.rmtree(old)
