@@ -6,6 +6,13 @@ Sharing the item table between the state side (what the user just looked at) and
 scorer also costs A·E per state instead of A·H for a dense output layer. The optional next-item head
 is SQN's supervised head (Xin et al., SIGIR 2020): a softmax over the same items from the same state
 encoding, with its own projection and bias.
+
+The optional repeat head is a copy mechanism in the spirit of RepeatNet (Ren et al., AAAI 2019):
+shoppers return to what they just looked at (on the Taobao log half of all purchases are of an item
+among the buyer's last ten interactions), which a dot product with item embeddings cannot express
+for an item whose embedding never trained. So every window slot also gets a learned score from its
+event type, age and the state, and that score is added to the slot's item, for Q and for the
+next-item logits alike.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rl.batch import NUM_EVENT_TYPES, PAD_INDEX, ObsBatch, check_obs_batch
+from rl.batch import FIRST_ITEM_INDEX, NUM_EVENT_TYPES, PAD_INDEX, ObsBatch, check_obs_batch
 from rl.config_utils import config_from_dict, config_to_dict
 
 # Parameters with one row per action: reset together when the vocabulary reuses an index.
@@ -44,6 +51,10 @@ class NetworkConfig:
     """Score Q = V(s) + A(s, a) - mean_a A(s, a) instead of A(s, a) alone."""
     next_item_head: bool = False
     """Add SQN's supervised next-item softmax head over the same state encoding."""
+    repeat_head: bool = False
+    """Add a learned score to each item in the recent window (a copy mechanism; see the module)."""
+    repeat_hidden: int = 32
+    """Hidden width of the repeat head's per-slot scorer."""
 
     def __post_init__(self) -> None:
         if self.num_actions < 1:
@@ -54,6 +65,8 @@ class NetworkConfig:
             raise ValueError(f"hidden_sizes must be a tuple of positive ints, got {self.hidden_sizes!r}")
         if self.num_event_types < 1:
             raise ValueError(f"num_event_types must be >= 1, got {self.num_event_types}")
+        if self.repeat_hidden < 1:
+            raise ValueError(f"repeat_hidden must be >= 1, got {self.repeat_hidden}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> NetworkConfig:
@@ -91,18 +104,25 @@ class QNetwork(nn.Module):
         if config.next_item_head:
             self.next_item_projection = nn.Dense(config.embed_dim)
             self.next_item_bias = self.param("next_item_bias", nn.initializers.zeros, (config.num_actions,))
+        if config.repeat_head:
+            self.repeat_slot = nn.Dense(config.repeat_hidden)
+            self.repeat_state = nn.Dense(config.repeat_hidden, use_bias=False)
+            # Two scores per slot: one added to Q, one to the next-item logits. Zero at the start,
+            # so a fresh network scores exactly as it would without the head.
+            self.repeat_out = nn.Dense(2, kernel_init=nn.initializers.zeros)
 
-    def encode(self, obs: ObsBatch) -> jax.Array:
-        """The shared state encoding: the last hidden layer, (B, H)."""
+    def _encode(self, obs: ObsBatch) -> tuple[jax.Array, jax.Array | None]:
+        """The state encoding (B, H) and what the window's events were (type, gap) apart from their
+        items, (B, W, E); None without a window."""
         check_obs_batch(obs)
         parts = []
+        context = None
         if obs.items.shape[1] > 0:
             # (B, W, E): what was touched, how, and how long ago, summed into one token per event.
-            tokens = (
-                self.item_embedding(obs.items)
-                + self.event_type_embedding(obs.event_types)
-                + self.gap_projection(obs.gaps[..., None].astype(jnp.float32))
-            )
+            context = self.event_type_embedding(obs.event_types) + self.gap_projection(
+                obs.gaps[..., None].astype(jnp.float32)
+            )  # (B, W, E): how and when, without which item
+            tokens = self.item_embedding(obs.items) + context
             # An event whose item is unknown still counts (OOV = 1); only padding is masked out.
             mask = ((obs.items != PAD_INDEX) | (obs.event_types != 0)).astype(jnp.float32)  # (B, W)
             count = jnp.maximum(mask.sum(axis=1, keepdims=True), 1.0)  # (B, 1)
@@ -115,7 +135,31 @@ class QNetwork(nn.Module):
         hidden = jnp.concatenate(parts, axis=-1)  # (B, 2E + D) or (B, D) without a window
         for layer in self.hidden_layers:
             hidden = nn.relu(layer(hidden))
-        return hidden
+        return hidden, context
+
+    def encode(self, obs: ObsBatch) -> jax.Array:
+        """The shared state encoding: the last hidden layer, (B, H)."""
+        return self._encode(obs)[0]
+
+    def _repeat_scores(self, obs: ObsBatch, hidden: jax.Array, context: jax.Array | None) -> jax.Array | None:
+        """(B, W, 2) scores for the window's items (Q, next-item); 0 on slots without a known item.
+
+        A slot is scored from how and when its item was touched, how often the window holds that
+        item, and the state; not from the item's own embedding, so an item the model has barely
+        trained on gets as sound a repeat score as a familiar one.
+        """
+        if not self.config.repeat_head or context is None:
+            return None
+        window = obs.items.shape[1]
+        # Age in events, newest 0: the same item means more when it was the last thing touched.
+        age = jnp.log1p(jnp.arange(window - 1, -1, -1, dtype=jnp.float32))  # (W,)
+        age = jnp.broadcast_to(age[None, :, None], (*obs.items.shape, 1))  # (B, W, 1)
+        same = (obs.items[:, :, None] == obs.items[:, None, :]).sum(axis=2)  # (B, W): copies in the window
+        copies = jnp.log(same.astype(jnp.float32))[..., None]  # (B, W, 1)
+        slot = self.repeat_slot(jnp.concatenate([context, age, copies], axis=-1))  # (B, W, R)
+        scores = self.repeat_out(nn.relu(slot + self.repeat_state(hidden)[:, None, :]))  # (B, W, 2)
+        known = (obs.items >= FIRST_ITEM_INDEX)[..., None]  # (B, W, 1): padding and OOV get nothing
+        return jnp.where(known, scores, 0.0)
 
     def _advantage_parts(self, hidden: jax.Array) -> tuple[jax.Array, jax.Array | None]:
         """f(s) (B, E) and, for the dueling form, V(s) (B,)."""
@@ -123,16 +167,20 @@ class QNetwork(nn.Module):
         value = self.value_head(hidden)[:, 0] if self.config.dueling else None  # (B,)
         return state, value
 
-    def _q_from_hidden(self, hidden: jax.Array) -> jax.Array:
+    def _q_from_hidden(self, obs: ObsBatch, hidden: jax.Array, context: jax.Array | None) -> jax.Array:
         state, value = self._advantage_parts(hidden)
         advantage = self.item_embedding.attend(state) + self.action_bias  # (B, A)
+        repeat = self._repeat_scores(obs, hidden, context)
+        if repeat is not None:
+            advantage = add_to_items(advantage, obs.items, repeat[..., 0])
         if value is None:
             return advantage
         return value[:, None] + advantage - advantage.mean(axis=1, keepdims=True)
 
     def __call__(self, obs: ObsBatch) -> jax.Array:
         """Q(s, a) for all actions: (B, A)."""
-        q = self._q_from_hidden(self.encode(obs))
+        hidden, context = self._encode(obs)
+        q = self._q_from_hidden(obs, hidden, context)
         assert q.shape == (obs.items.shape[0], self.config.num_actions), q.shape
         return q
 
@@ -143,46 +191,87 @@ class QNetwork(nn.Module):
         actions is what keeps the learner's backward pass independent of the catalogue size.
         """
         assert actions.shape == (obs.items.shape[0],), (actions.shape, obs.items.shape)
-        return self._q_taken_from_hidden(self.encode(obs), actions)
+        hidden, context = self._encode(obs)
+        return self._q_taken_from_hidden(obs, hidden, context, actions)
 
-    def _q_taken_from_hidden(self, hidden: jax.Array, actions: jax.Array) -> jax.Array:
+    def _q_taken_from_hidden(
+        self, obs: ObsBatch, hidden: jax.Array, context: jax.Array | None, actions: jax.Array
+    ) -> jax.Array:
         state, value = self._advantage_parts(hidden)
         table = self.item_embedding.embedding  # (A, E)
         q = jnp.einsum("be,be->b", state, table[actions]) + self.action_bias[actions]  # (B,)
+        repeat = self._repeat_scores(obs, hidden, context)
+        if repeat is not None:
+            q = q + repeat_for_actions(obs.items, repeat[..., 0], actions)
         if value is None:
             return q
-        # mean_a (f·e_a + b_a) = f · mean_a e_a + mean_a b_a, still without a (B, A) matrix.
+        # mean_a (f·e_a + b_a) = f · mean_a e_a + mean_a b_a, still without a (B, A) matrix; the
+        # repeat scores add their sum / A.
         mean_advantage = state @ table.mean(axis=0) + self.action_bias.mean()  # (B,)
+        if repeat is not None:
+            mean_advantage = mean_advantage + repeat[..., 0].sum(axis=1) / self.config.num_actions
         return value + q - mean_advantage
 
     def next_item_logits(self, obs: ObsBatch) -> jax.Array:
         """SQN head: logits over the next item, (B, A). Requires next_item_head=True."""
         if not self.config.next_item_head:
             raise ValueError("next_item_logits needs NetworkConfig(next_item_head=True)")
-        return self._next_item_from_hidden(self.encode(obs))
+        hidden, context = self._encode(obs)
+        return self._next_item_from_hidden(obs, hidden, context)
 
-    def _next_item_from_hidden(self, hidden: jax.Array) -> jax.Array:
+    def _next_item_from_hidden(
+        self, obs: ObsBatch, hidden: jax.Array, context: jax.Array | None
+    ) -> jax.Array:
         projected = self.next_item_projection(hidden)  # (B, E)
-        return self.item_embedding.attend(projected) + self.next_item_bias  # (B, A)
+        logits = self.item_embedding.attend(projected) + self.next_item_bias  # (B, A)
+        repeat = self._repeat_scores(obs, hidden, context)
+        if repeat is not None:
+            logits = add_to_items(logits, obs.items, repeat[..., 1])
+        return logits
 
     def q_for_actions_and_next_item_logits(
         self, obs: ObsBatch, actions: jax.Array
     ) -> tuple[jax.Array, jax.Array]:
         """Both SQN outputs from one encoder pass: Q(s, a) for the given actions (B,), logits (B, A)."""
         assert actions.shape == (obs.items.shape[0],), (actions.shape, obs.items.shape)
-        hidden = self.encode(obs)
-        return self._q_taken_from_hidden(hidden, actions), self._next_item_from_hidden(hidden)
+        hidden, context = self._encode(obs)
+        return (
+            self._q_taken_from_hidden(obs, hidden, context, actions),
+            self._next_item_from_hidden(obs, hidden, context),
+        )
 
     def state_and_value(self, obs: ObsBatch) -> tuple[jax.Array, jax.Array | None]:
         """f(s) (B, E) and, for the dueling form, V(s) (B,): what scoring the actions starts from."""
         return self._advantage_parts(self.encode(obs))
 
+    def scoring_parts(self, obs: ObsBatch) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+        """f(s) (B, E), V(s) (B,) or None, and the repeat head's Q scores for the window (B, W) or
+        None: everything Q(s, a) is built from, so a caller can score the actions in chunks.
+        """
+        hidden, context = self._encode(obs)
+        state, value = self._advantage_parts(hidden)
+        repeat = self._repeat_scores(obs, hidden, context)
+        return state, value, None if repeat is None else repeat[..., 0]
+
     def initialize_all(self, obs: ObsBatch) -> tuple[jax.Array, jax.Array | None]:
         """Touch every submodule so `init` creates all parameters; returns (q, logits or None)."""
-        hidden = self.encode(obs)
-        q = self._q_from_hidden(hidden)
-        logits = self._next_item_from_hidden(hidden) if self.config.next_item_head else None
+        hidden, context = self._encode(obs)
+        q = self._q_from_hidden(obs, hidden, context)
+        logits = self._next_item_from_hidden(obs, hidden, context) if self.config.next_item_head else None
         return q, logits
+
+
+def add_to_items(scores: jax.Array, items: jax.Array, repeat: jax.Array) -> jax.Array:
+    """scores (B, A) plus each window slot's repeat score at its item's column (repeats add up)."""
+    assert items.shape == repeat.shape and items.shape[0] == scores.shape[0], (items.shape, repeat.shape)
+    rows = jnp.arange(items.shape[0])[:, None]  # (B, 1)
+    return scores.at[rows, items].add(repeat)
+
+
+def repeat_for_actions(items: jax.Array, repeat: jax.Array, actions: jax.Array) -> jax.Array:
+    """The repeat score of one action per row, (B,): the sum over window slots holding that action."""
+    assert items.shape == repeat.shape and actions.shape == items.shape[:1], (items.shape, actions.shape)
+    return jnp.sum(jnp.where(items == actions[:, None], repeat, 0.0), axis=1)
 
 
 def init_params(network: QNetwork, example_obs: ObsBatch, key: jax.Array) -> Any:

@@ -31,6 +31,7 @@ from rl.networks import (
     init_params_compiled,
     item_embedding_init,
     q_values,
+    repeat_for_actions,
 )
 from rl.value_learning import double_q_learning_target, huber_loss, q_learning_target
 
@@ -178,14 +179,16 @@ def chunked_bootstrap_values(
     allowed = jnp.ones((num_actions,), bool) if action_mask is None else action_mask  # (A,)
     allowed = jnp.pad(allowed, (0, pad)).reshape(chunks, chunk)  # padding is never allowed
 
-    def scoring(p: Any) -> tuple[jax.Array, jax.Array | None, jax.Array, jax.Array]:
-        state, value = cast(
-            "tuple[jax.Array, jax.Array | None]", network.apply(p, obs_t, method=QNetwork.state_and_value)
+    def scoring(p: Any) -> tuple[jax.Array, jax.Array | None, jax.Array | None, jax.Array, jax.Array]:
+        state, value, repeat = cast(
+            "tuple[jax.Array, jax.Array | None, jax.Array | None]",
+            network.apply(p, obs_t, method=QNetwork.scoring_parts),
         )
-        return state, value, p["params"]["item_embedding"]["embedding"], p["params"]["action_bias"]
+        return state, value, repeat, p["params"]["item_embedding"]["embedding"], p["params"]["action_bias"]
 
-    sel_state, _, sel_table, sel_bias = scoring(params if double_dqn else target_params)
+    sel_state, _, sel_repeat, sel_table, sel_bias = scoring(params if double_dqn else target_params)
     batch_size = sel_state.shape[0]
+    rows = jnp.arange(batch_size)[:, None]  # (B, 1)
     tables = jnp.pad(sel_table, ((0, pad), (0, 0))).reshape(chunks, chunk, -1)  # (n, C, E)
     biases = jnp.pad(sel_bias, (0, pad)).reshape(chunks, chunk)  # (n, C)
     # The dueling form adds V(s) - mean_a A(s, a) to every action alike: it never changes the argmax.
@@ -195,7 +198,13 @@ def chunked_bootstrap_values(
     ) -> tuple[tuple[jax.Array, jax.Array], None]:
         best, best_index = carry
         table, bias, allowed_chunk, start = xs
-        scores = jnp.where(allowed_chunk, sel_state @ table.T + bias, -jnp.inf)  # (B, C)
+        scores = sel_state @ table.T + bias  # (B, C)
+        if sel_repeat is not None:
+            # Window items inside this chunk get their repeat scores; the rest go out of bounds.
+            local = obs_t.items - start  # (B, W)
+            local = jnp.where((local >= 0) & (local < chunk), local, chunk)
+            scores = scores.at[rows, local].add(sel_repeat, mode="drop")
+        scores = jnp.where(allowed_chunk, scores, -jnp.inf)
         index = jnp.argmax(scores, axis=1)  # (B,)
         value = jnp.take_along_axis(scores, index[:, None], axis=1)[:, 0]  # (B,)
         better = value > best  # strict: an earlier chunk keeps its ties
@@ -204,10 +213,15 @@ def chunked_bootstrap_values(
     init = (jnp.full((batch_size,), -jnp.inf), jnp.zeros((batch_size,), jnp.int32))
     starts = jnp.arange(chunks, dtype=jnp.int32) * chunk
     (_, best_index), _ = jax.lax.scan(best_of_chunk, init, (tables, biases, allowed, starts))
-    state, value, table, bias = scoring(target_params)
+    state, value, repeat, table, bias = scoring(target_params)
     q = jnp.einsum("be,be->b", state, table[best_index]) + bias[best_index]  # (B,)
+    if repeat is not None:
+        q = q + repeat_for_actions(obs_t.items, repeat, best_index)
     if value is not None:
-        q = value + q - (state @ table.mean(axis=0) + bias.mean())
+        mean_advantage = state @ table.mean(axis=0) + bias.mean()  # (B,)
+        if repeat is not None:
+            mean_advantage = mean_advantage + repeat.sum(axis=1) / num_actions
+        q = value + q - mean_advantage
     return q
 
 

@@ -151,3 +151,74 @@ def test_config_validation_and_round_trip() -> None:
         NetworkConfig(num_actions=0)
     with pytest.raises(TypeError):
         NetworkConfig(10)  # type: ignore[call-arg]  # keyword-only
+
+
+@functools.cache
+def build_repeat(dueling: bool) -> tuple[QNetwork, dict, dict]:
+    """A network with the repeat head: params with the head's output zeroed (as initialised) and
+    with it set to fixed non-zero weights, so the head's effect is visible."""
+    config = NetworkConfig(
+        num_actions=NUM_ACTIONS,
+        embed_dim=8,
+        hidden_sizes=(16,),
+        dueling=dueling,
+        next_item_head=True,
+        repeat_head=True,
+        repeat_hidden=4,
+    )
+    network = QNetwork(config)
+    params = init_params_compiled(network, make_obs([[0, 2, 3]]), jax.random.key(0))
+    kernel = params["params"]["repeat_out"]["kernel"]
+    assert not np.any(np.asarray(kernel)), "the repeat head starts at zero"
+    active = jax.tree.map(lambda x: x, params)
+    active["params"]["repeat_out"]["kernel"] = jnp.asarray(
+        np.random.default_rng(1).normal(size=kernel.shape).astype(np.float32) * 3.0
+    )
+    active["params"]["repeat_out"]["bias"] = jnp.asarray([2.0, -1.0])
+    return network, params, active
+
+
+@pytest.mark.parametrize("dueling", [False, True])
+def test_repeat_head_adds_a_score_to_exactly_the_window_items(dueling: bool) -> None:
+    network, silent, active = build_repeat(dueling)
+    # Row 0 holds item 3 twice; row 1 has an OOV slot (1), which must get nothing; row 2 is empty.
+    obs = make_obs([[3, 2, 3], [4, 5, 1], [0, 0, 0]])
+    q_silent = np.asarray(apply(network, silent, obs))
+    q_active = np.asarray(apply(network, active, obs))
+    advantage_shift = q_active - q_silent  # (B, A)
+    if dueling:
+        # V(s) - mean_a A(s, a) moves every action alike; only the differences between actions count.
+        advantage_shift = advantage_shift - advantage_shift[:, [0]]
+    touched = [{2, 3}, {4, 5}, set()]
+    for row, items in enumerate(touched):
+        untouched = [a for a in range(NUM_ACTIONS) if a not in items]
+        np.testing.assert_allclose(
+            advantage_shift[row, untouched], advantage_shift[row, untouched[0]], atol=1e-5
+        )
+        for item in items:
+            assert abs(advantage_shift[row, item] - advantage_shift[row, untouched[0]]) > 1e-3
+    # The gathered and chunk-ready forms agree with the full matrix.
+    actions = jnp.array([3, 5, 7])
+    q_taken = apply(network, active, obs, actions, method=QNetwork.q_for_actions)
+    np.testing.assert_allclose(q_taken, q_active[np.arange(3), actions], rtol=1e-5, atol=1e-5)
+    q_taken_2, logits = apply(
+        network, active, obs, actions, method=QNetwork.q_for_actions_and_next_item_logits
+    )
+    np.testing.assert_allclose(q_taken_2, q_taken, rtol=1e-5, atol=1e-5)
+    silent_logits = apply(network, silent, obs, method=QNetwork.next_item_logits)
+    logit_shift = np.asarray(logits) - np.asarray(silent_logits)
+    assert np.all(logit_shift[0, [0, 1, 4, 5, 6]] == 0.0) and np.all(logit_shift[0, [2, 3]] != 0.0)
+    assert np.all(logit_shift[1, [4, 5]] != 0.0) and logit_shift[1, 1] == 0.0
+    assert not np.any(logit_shift[2])
+
+
+def test_repeat_scores_of_a_repeated_item_add_up() -> None:
+    """Item 3 in two slots gets both slots' scores: computed here from the head's own outputs."""
+    from rl.networks import add_to_items, repeat_for_actions
+
+    scores = jnp.zeros((2, 6))
+    items = jnp.array([[3, 2, 3], [0, 1, 5]])
+    repeat = jnp.array([[1.0, 2.0, 4.0], [0.0, 0.0, 8.0]])
+    out = np.asarray(add_to_items(scores, items, repeat))
+    np.testing.assert_array_equal(out, [[0, 0, 2, 5, 0, 0], [0, 0, 0, 0, 0, 8]])
+    np.testing.assert_array_equal(repeat_for_actions(items, repeat, jnp.array([3, 4])), [5.0, 0.0])

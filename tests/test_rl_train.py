@@ -11,7 +11,7 @@ import pytest
 
 from rl.batch import ObsBatch, TransitionBatch, empty_obs_batch, transition_batch
 from rl.benchmark import dqn_update_flops
-from rl.networks import NetworkConfig, QNetwork
+from rl.networks import NetworkConfig, QNetwork, q_values
 from rl.replay import ReplayBuffer
 from rl.serialize import tree_from_bytes, tree_to_bytes
 from rl.train import (
@@ -353,20 +353,47 @@ def test_sqn_next_item_head_learns_a_deterministic_sequence() -> None:
     assert float(losses[-1][-1]) < 0.2 * float(losses[0][0])
 
 
-@pytest.mark.parametrize("double_dqn", [False, True])
-@pytest.mark.parametrize("dueling", [False, True])
-def test_chunked_bootstrap_equals_the_full_score_matrix(double_dqn: bool, dueling: bool) -> None:
+@pytest.mark.parametrize(
+    ("double_dqn", "dueling", "repeat_head"),
+    [
+        (False, False, False),
+        (True, False, False),
+        (False, True, False),
+        (True, True, False),
+        (True, False, True),
+        (False, True, True),
+    ],
+)
+def test_chunked_bootstrap_equals_the_full_score_matrix(
+    double_dqn: bool, dueling: bool, repeat_head: bool
+) -> None:
     """Large catalogues reduce the bootstrap over chunks; the targets are those of the full (B, A) form."""
     from rl.train import _plain_bootstrap_targets, chunked_bootstrap_values
 
     num_actions = 5_000  # > BOOTSTRAP_CHUNK, with a last chunk that is partly padding
-    config = NetworkConfig(num_actions=num_actions, embed_dim=8, hidden_sizes=(16,), dueling=dueling)
+    config = NetworkConfig(
+        num_actions=num_actions, embed_dim=8, hidden_sizes=(16,), dueling=dueling, repeat_head=repeat_head
+    )
     network = QNetwork(config)
     rng = np.random.default_rng(3)
-    batch = random_batch(rng, 32, num_actions)
+    batch = random_batch(rng, 32, num_actions, window=4)
     state = create_train_state(config, PERIODIC, batch.obs_tm1, jax.random.key(1))
+    if repeat_head:
+        # Large repeat scores, so the window items (spread over every chunk) win many of the maxima.
+        params = jax.tree.map(lambda x: x, state.params)
+        kernel = params["params"]["repeat_out"]["kernel"]
+        params["params"]["repeat_out"]["kernel"] = jnp.asarray(
+            rng.normal(size=kernel.shape) * 5.0, jnp.float32
+        )
+        params["params"]["repeat_out"]["bias"] = jnp.asarray([20.0, 0.0])
+        state = state.replace(params=params)
     # Online and target differ, so Double DQN's selector and evaluator are not the same network.
     state = state.replace(target_params=jax.tree.map(lambda x: x * 0.5 + 0.01, state.params))
+    if repeat_head:
+        # The test must see the head: window items take the max in most rows, in several chunks.
+        best = np.asarray(jnp.argmax(q_values(network, state.target_params, batch.obs_t), axis=1))
+        from_window = [b for b in range(32) if best[b] in set(np.asarray(batch.obs_t.items[b]).tolist())]
+        assert len(from_window) > 16 and len({int(best[b]) // 2048 for b in from_window}) > 1
     mask = np.ones((num_actions,), bool)
     mask[rng.choice(num_actions, 2_000, replace=False)] = False
     discount = jnp.asarray(0.9 * batch.discount_t)
@@ -376,3 +403,51 @@ def test_chunked_bootstrap_equals_the_full_score_matrix(double_dqn: bool, duelin
             network, state.params, state.target_params, batch.obs_t, action_mask, double_dqn=double_dqn
         )
         np.testing.assert_allclose(batch.r_t + discount * q_boot, expected, rtol=1e-5, atol=1e-5)
+
+
+def revisit_batch(rng: np.random.Generator, rows: int, num_items: int, window: int = 4) -> TransitionBatch:
+    """Each row's window holds fresh items (never seen in any other row); the next item is always the
+    one viewed two events ago (its event type: 2, a cart, unlike the others' 1)."""
+    histories = rng.permutation(np.arange(2, num_items + 2))[: rows * window].reshape(rows, window)
+    labels = histories[:, -2]
+    types = np.ones_like(histories)
+    types[:, -2] = 2
+
+    def obs(items: np.ndarray) -> ObsBatch:
+        return ObsBatch(
+            items=items.astype(np.int32),
+            event_types=types,
+            gaps=np.zeros(items.shape, np.float32),
+            features=np.ones((rows, 1), np.float32),
+        )
+
+    return transition_batch(obs(histories), labels, np.zeros(rows), np.ones(rows, bool), obs(histories))
+
+
+@pytest.mark.parametrize("repeat_head", [False, True])
+def test_only_the_repeat_head_learns_to_return_to_items_it_has_no_embedding_for(repeat_head: bool) -> None:
+    """Trained on some rows, judged on rows of items it never trained on: only a copy mechanism can
+    point back at an item whose embedding is still at its random start."""
+    num_items, window = 2_000, 4
+    config = NetworkConfig(
+        num_actions=num_items + 2,
+        embed_dim=16,
+        hidden_sizes=(32,),
+        next_item_head=True,
+        repeat_head=repeat_head,
+    )
+    network = QNetwork(config)
+    rng = np.random.default_rng(0)
+    batch = revisit_batch(rng, 400, num_items, window)  # 1,600 of the 2,000 items
+    train = jax.tree.map(lambda x: x[:300], batch)
+    test = jax.tree.map(lambda x: x[300:], batch)
+    state = create_train_state(config, SEQUENCE_LEARNER, train.obs_tm1, jax.random.key(0))
+    for _ in range(4):
+        state, _ = update_many(state, stack_batches([train] * 50), network=network, config=SEQUENCE_LEARNER)
+    logits = network.apply(state.params, test.obs_tm1, method=QNetwork.next_item_logits)
+    accuracy = float(np.mean(np.asarray(jnp.argmax(logits, axis=1)) == np.asarray(test.a_tm1)))
+    if repeat_head:
+        # Not 1.0: the untrained items' random embeddings still add noise to their scores.
+        assert accuracy > 0.75, accuracy
+    else:
+        assert accuracy < 0.1, accuracy
