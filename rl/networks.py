@@ -11,8 +11,9 @@ The optional repeat head is a copy mechanism in the spirit of RepeatNet (Ren et 
 shoppers return to what they just looked at (on the Taobao log half of all purchases are of an item
 among the buyer's last ten interactions), which a dot product with item embeddings cannot express
 for an item whose embedding never trained. So every window slot also gets a learned score from its
-event type, age and the state, and that score is added to the slot's item, for Q and for the
-next-item logits alike.
+event type, age, copies in the window and the state. For Q it is added to the item's score (a bonus
+on top of what the item embedding knows); for the next-item logits it replaces the item's logit, as
+RepeatNet's repeat mode scores window items apart from its explore mode, which scores the rest.
 """
 
 from __future__ import annotations
@@ -226,7 +227,9 @@ class QNetwork(nn.Module):
         logits = self.item_embedding.attend(projected) + self.next_item_bias  # (B, A)
         repeat = self._repeat_scores(obs, hidden, context)
         if repeat is not None:
-            logits = add_to_items(logits, obs.items, repeat[..., 1])
+            # RepeatNet's split: a window item's chance of coming next is judged by the repeat head
+            # alone, so the item-embedding noise of barely trained items cannot reorder the window.
+            logits = replace_at_items(logits, obs.items, repeat[..., 1])
         return logits
 
     def q_for_actions_and_next_item_logits(
@@ -266,6 +269,16 @@ def add_to_items(scores: jax.Array, items: jax.Array, repeat: jax.Array) -> jax.
     assert items.shape == repeat.shape and items.shape[0] == scores.shape[0], (items.shape, repeat.shape)
     rows = jnp.arange(items.shape[0])[:, None]  # (B, 1)
     return scores.at[rows, items].add(repeat)
+
+
+def replace_at_items(scores: jax.Array, items: jax.Array, repeat: jax.Array) -> jax.Array:
+    """scores (B, A) with each window item's column set to its repeat score (the highest of its
+    slots); padding and OOV slots change nothing."""
+    assert items.shape == repeat.shape and items.shape[0] == scores.shape[0], (items.shape, repeat.shape)
+    rows = jnp.arange(items.shape[0])[:, None]  # (B, 1)
+    cols = jnp.where(items >= FIRST_ITEM_INDEX, items, scores.shape[1])
+    cleared = scores.at[rows, cols].set(-jnp.inf, mode="drop")
+    return cleared.at[rows, cols].max(repeat, mode="drop")
 
 
 def repeat_for_actions(items: jax.Array, repeat: jax.Array, actions: jax.Array) -> jax.Array:

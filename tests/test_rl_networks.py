@@ -222,3 +222,14 @@ def test_repeat_scores_of_a_repeated_item_add_up() -> None:
     out = np.asarray(add_to_items(scores, items, repeat))
     np.testing.assert_array_equal(out, [[0, 0, 2, 5, 0, 0], [0, 0, 0, 0, 0, 8]])
     np.testing.assert_array_equal(repeat_for_actions(items, repeat, jnp.array([3, 4])), [5.0, 0.0])
+
+
+def test_repeat_scores_replace_the_logits_of_window_items() -> None:
+    """The next-item head's window items take their repeat score (the highest of their slots)."""
+    from rl.networks import replace_at_items
+
+    scores = jnp.full((2, 6), 7.0)
+    items = jnp.array([[3, 2, 3], [0, 1, 5]])
+    repeat = jnp.array([[1.0, -2.0, 4.0], [9.0, 9.0, -8.0]])
+    out = np.asarray(replace_at_items(scores, items, repeat))
+    np.testing.assert_array_equal(out, [[7, 7, -2, 4, 7, 7], [7, 7, 7, 7, 7, -8]])

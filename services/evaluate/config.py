@@ -40,13 +40,16 @@ class EvaluateConfig:
     sqn_weight: float = setting(1.0, help="weight of the next-item loss in the joint SQN model")
     embed_dim: int = setting(64, help="item embedding width of the neural models")
     hidden_sizes: str = setting("256", help="hidden layer widths of the state MLP")
+    repeat_head: bool = setting(
+        True, help="give the neural models the repeat head (a learned score for recently seen items)"
+    )
     max_actions: int = setting(
-        10000,
+        100000,
         help="items the neural models score: the whole catalogue when it is smaller, else the most "
         "frequent training items (the rest rank last for those models)",
     )
     eval_every: int = setting(
-        200, help="updates between validation checks; the best validated parameters are kept"
+        50, help="updates between validation checks; the best validated parameters are kept"
     )
     validation_targets: int = setting(2000, help="validation targets used per check (a fixed sample)")
     models: str = setting(

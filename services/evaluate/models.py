@@ -100,6 +100,7 @@ class NeuralModel:
             vocabulary_capacity=int(chosen.size),
             embed_dim=config.embed_dim,
             hidden_sizes=config.hidden_sizes,
+            repeat_head=config.repeat_head,
             gamma=config.gamma,
             learning_rate=config.learning_rate,
             sqn_weight=0.0 if variant == "q_only" else config.sqn_weight,
