@@ -10,6 +10,15 @@ the simulator's true preferences (myopic). All of them face the same population 
 learns from the transitions of all groups. Time is simulated: the loop advances the shop's clock in
 ticks and lets every service drain between ticks, so a run is reproducible for a given seed.
 
+By default the DQN and the bandit learn from the logged transitions (every interaction of every
+shopper, clicks and purchases on slates included) and their published models rank items by the
+next-item (SQN) head, as SQN recommends with its supervised head, while the Q-learning loss shapes
+the shared state encoder and item embeddings. Measured in the demo, the Q-head is the weaker ranker:
+logged transitions carry only positive rewards (the item a shopper chose), and a shown slot's
+feedback transition is mostly a 0, so Q(s, a) learns how often an item was chosen rather than shown;
+and a feedback transition's next-item label is the item shown, which teaches the head to imitate
+the serving policy (``--learn-from``, ``--serve-q-weight`` and ``--serve-next-item-weight`` change this).
+
 Each group is scored by what its shoppers' sessions earn from recommendations (click 1, favorite 2,
 add_to_cart 3, purchase 10, a later purchase of an item carted from a slate included) over the late
 phase of the run (its second half), when the learners have had time to learn.
@@ -43,7 +52,7 @@ from services.actor.service import Actor
 from services.actor.step import parse_split
 from services.bus.base import Bus, TopicPartition
 from services.config import BusConfig, ConfigError, make_bus, register, setting
-from services.learner.config import LearnerServiceConfig
+from services.learner.config import LearnerServiceConfig, parse_sources
 from services.learner.service import Learner
 from services.learner.tabular import TABULAR_MODEL, TabularLearner, TabularLearnerConfig, model_topic_spec
 from services.metrics import serve_metrics
@@ -76,11 +85,31 @@ class DemoConfig(BusConfig):
     epsilon: float = setting(0.1, help="exploration of the DQN, bandit and popularity policies")
     gamma: float = setting(0.8, help="discount of the DQN (the bandit's is 0)")
     learning_rate: float = setting(3e-3, help="Adam step size of the DQN and the bandit")
-    replay_ratio: float = setting(4.0, help="times each transition is replayed by the DQN and the bandit")
+    replay_ratio: float = setting(
+        32.0,
+        help="times each transition is replayed by the DQN and the bandit (logged transitions alone are "
+        "about a tenth of all: 32 gives the updates that 4 gave over both sources)",
+    )
     target_update_period: int = setting(200, help="updates between target network copies")
     sqn_weight: float = setting(
         1.0,
         help="weight of the next-item (SQN) loss of the DQN and the bandit; it trains every item's embedding",
+    )
+    serve_q_weight: float = setting(
+        0.0,
+        help="weight of (1 - gamma) Q(s, a), the value in rewards per step, in the score the DQN's and "
+        "the bandit's published models rank by",
+    )
+    serve_next_item_weight: float = setting(
+        1.0,
+        help="weight of the next-item (SQN) head's logit in that score (learner --serve-next-item-weight); "
+        "like SQN, the demo ranks by this supervised head",
+    )
+    learn_from: str = setting(
+        "logged",
+        help="transition sources the DQN and the bandit learn from (learner --sources): logged (each "
+        "shopper's own interactions, clicks on slates included), recommendation (every shown slot, "
+        "whose next-item label is the item shown, not chosen) or both",
     )
     seed: int = setting(7, help="seed of the simulated shop")
     out: str = setting("out/demo", help="folder for report.html, the plots and summary.json")
@@ -98,6 +127,11 @@ class DemoConfig(BusConfig):
                 raise ConfigError(f"{name} must be > 0, got {value}")
         if not 0.0 <= self.gamma < 1.0:
             raise ConfigError(f"gamma must be in [0, 1), got {self.gamma}")
+        parse_sources(self.learn_from)
+        if self.serve_next_item_weight != 0.0 and self.sqn_weight <= 0:
+            raise ConfigError("serve_next_item_weight needs the next-item head: set sqn_weight > 0")
+        if self.serve_q_weight == 0.0 and self.serve_next_item_weight == 0.0:
+            raise ConfigError("serve_q_weight and serve_next_item_weight cannot both be 0")
 
 
 @dataclass
@@ -216,6 +250,11 @@ class Demo:
                     learning_rate=config.learning_rate,
                     target_update_period=config.target_update_period,
                     sqn_weight=config.sqn_weight,
+                    sources=config.learn_from,
+                    # Q sums discounted rewards, about 1 / (1 - gamma) steps' worth: in per-step units the
+                    # DQN's and the bandit's values weigh alike against the next-item logit.
+                    serve_q_weight=config.serve_q_weight * (1.0 - gamma),
+                    serve_next_item_weight=config.serve_next_item_weight,
                     **common,
                 ),
                 bus,

@@ -7,11 +7,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
+from flax.serialization import msgpack_restore
 from prometheus_client import CollectorRegistry
 from rich.console import Console
 
+from rl.batch import ObsBatch
+from rl.networks import NetworkConfig, QNetwork, init_params
+from schemas.codec import encode
+from schemas.messages import Observation, Transition
+from services.bus.embedded import EmbeddedBus
+from services.config import ConfigError
 from services.demo import DemoConfig, DemoMetrics, run_demo
+from services.learner.config import LearnerServiceConfig, parse_sources
+from services.learner.service import Learner
+from services.learner.trainer import Trainer, load_bundle, serving_params
+from services.state_builder.step import FEATURE_DIM
 
 GROUPS = {"dqn", "popularity", "bandit", "tabular_q", "random", "oracle"}
 PER_POLICY = {"ctr", "conversion", "reward_per_session", "sessions"}
@@ -94,3 +107,160 @@ def test_demo_metrics_carry_only_a_policy_label() -> None:
         assert family.name.startswith("qrec_")
         for sample in family.samples:
             assert set(sample.labels) == {"policy"}
+
+
+def test_serving_params_blend_the_heads_with_exact_numbers() -> None:
+    params = {
+        "params": {
+            "state_projection": {"kernel": np.array([[1.0, 2.0]]), "bias": np.array([0.5, -1.0])},
+            "next_item_projection": {"kernel": np.array([[3.0, 4.0]]), "bias": np.array([1.0, 0.0])},
+            "action_bias": np.array([0.0, 1.0, 2.0]),
+            "next_item_bias": np.array([4.0, 0.0, -2.0]),
+            "item_embedding": {"embedding": np.ones((3, 2))},
+        }
+    }
+    blended = serving_params(params, q_weight=0.5, next_item_weight=2.0)["params"]
+    np.testing.assert_allclose(blended["state_projection"]["kernel"], [[6.5, 9.0]])
+    np.testing.assert_allclose(blended["state_projection"]["bias"], [2.25, -0.5])
+    np.testing.assert_allclose(blended["action_bias"], [8.0, 0.5, -3.0])
+    np.testing.assert_allclose(blended["next_item_bias"], [4.0, 0.0, -2.0])  # the heads stay apart
+    np.testing.assert_allclose(params["params"]["action_bias"], [0.0, 1.0, 2.0])  # input untouched
+    assert serving_params(params, q_weight=1.0, next_item_weight=0.0) is params
+    with pytest.raises(ValueError, match="sqn_weight"):
+        serving_params({"params": {"state_projection": {}}}, q_weight=0.0, next_item_weight=1.0)
+    with pytest.raises(ValueError, match="repeat head"):
+        serving_params({"params": {**params["params"], "repeat_out": {}}}, q_weight=0.0, next_item_weight=1.0)
+
+
+@pytest.mark.parametrize("dueling", [False, True])
+def test_a_published_blend_ranks_every_item_by_the_weighted_heads(dueling: bool) -> None:
+    network = QNetwork(
+        NetworkConfig(num_actions=9, embed_dim=4, hidden_sizes=(8,), dueling=dueling, next_item_head=True)
+    )
+    rng = np.random.default_rng(3)
+    obs = ObsBatch(
+        items=rng.integers(0, 9, size=(5, 3)).astype(np.int32),
+        event_types=rng.integers(1, 4, size=(5, 3)).astype(np.int32),
+        gaps=rng.random((5, 3)).astype(np.float32),
+        features=rng.standard_normal((5, 6)).astype(np.float32),
+    )
+    params = jax.tree.map(
+        lambda leaf: np.asarray(leaf) + 0.3 * rng.standard_normal(np.shape(leaf)).astype(np.float32),
+        init_params(network, obs, jax.random.key(0)),
+    )
+    q = np.asarray(network.apply(params, obs))  # (5, 9)
+    logits = np.asarray(network.apply(params, obs, method=QNetwork.next_item_logits))  # (5, 9)
+    served = np.asarray(network.apply(serving_params(params, q_weight=0.25, next_item_weight=1.5), obs))
+    expected = 0.25 * q + 1.5 * logits
+    # Equal up to a per-user constant (the dueling value), which no ranking sees.
+    shift = served - expected  # (5, 9)
+    np.testing.assert_allclose(shift, np.broadcast_to(shift[:, :1], shift.shape), atol=1e-4)
+    if not dueling:
+        np.testing.assert_allclose(served, expected, atol=1e-4)
+    np.testing.assert_array_equal(np.argsort(-served, axis=1), np.argsort(-expected, axis=1))
+
+
+def test_serve_weights_and_sources_are_checked_at_start_up() -> None:
+    with pytest.raises(ConfigError, match="sqn_weight"):
+        LearnerServiceConfig(serve_next_item_weight=1.0)
+    with pytest.raises(ConfigError, match="both be 0"):
+        LearnerServiceConfig(sqn_weight=1.0, serve_q_weight=0.0)
+    with pytest.raises(ConfigError, match="repeat head"):
+        LearnerServiceConfig(sqn_weight=1.0, serve_next_item_weight=1.0, repeat_head=True)
+    with pytest.raises(ConfigError, match=r"sources must be .*'logged,clicks'"):
+        LearnerServiceConfig(sources="logged,clicks")
+    assert LearnerServiceConfig(sources=" logged ").source_set() == {"logged"}
+
+
+def _transition(tid: str, source: str) -> Transition:
+    obs = Observation(
+        recent_items=["i1"],
+        recent_event_types=["view"],
+        recent_gaps_seconds=[0.0],
+        features=[0.0] * FEATURE_DIM,
+    )
+    return Transition(
+        transition_id=tid,
+        user_id="u1",
+        source=source,  # type: ignore[arg-type]
+        obs_tm1=obs,
+        a_tm1="i2",
+        r_t=1.0,
+        obs_t=obs,
+        done=False,
+        timestamp=1000,
+    )
+
+
+@pytest.mark.timeout(120)
+def test_learner_learns_only_from_its_sources(tmp_path: Path) -> None:
+    bus = EmbeddedBus()
+    registry = CollectorRegistry()
+    config = LearnerServiceConfig(
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        partitions=1,
+        vocabulary_capacity=50,
+        embed_dim=4,
+        hidden_sizes="8",
+        batch_size=4,
+        min_replay_size=100,
+        sources="logged",
+    )
+    learner = Learner(config, bus, registry)
+    producer = bus.producer()
+    for tid, source in [
+        ("r:0", "recommendation"),
+        ("logged:1", "logged"),
+        ("r:1", "recommendation"),
+        ("logged:2", "logged"),
+        ("logged:3", "logged"),
+    ]:
+        producer.send(config.transitions_topic, b"u1", encode(_transition(tid, source)))
+    producer.flush()
+    while learner.poll_once(timeout_s=0.01):
+        pass
+    assert learner.learned == 3 and len(learner.trainer.buffer) == 3
+    assert (
+        registry.get_sample_value(
+            "qrec_learner_skipped_source_transitions_total", {"source": "recommendation"}
+        )
+        == 2
+    )
+    assert registry.get_sample_value("qrec_learner_transitions_total") == 3
+    learner.close()
+
+
+def test_the_published_bundle_carries_the_blend_and_the_checkpoint_the_heads() -> None:
+    settings = LearnerServiceConfig(
+        vocabulary_capacity=10,
+        embed_dim=4,
+        hidden_sizes="8",
+        sqn_weight=1.0,
+        serve_q_weight=0.0,
+        serve_next_item_weight=1.0,
+    )
+    trainer = Trainer(settings, FEATURE_DIM)
+    _, bundle = load_bundle(trainer.bundle_bytes())
+    published = msgpack_restore(bundle.params)["params"]
+    inner = trainer.state.params["params"]
+    np.testing.assert_allclose(published["action_bias"], inner["next_item_bias"])
+    np.testing.assert_allclose(
+        published["state_projection"]["kernel"], inner["next_item_projection"]["kernel"]
+    )
+    restored = msgpack_restore(trainer.checkpoint_bytes())
+    np.testing.assert_allclose(
+        restored["params"]["params"]["state_projection"]["kernel"], inner["state_projection"]["kernel"]
+    )
+
+
+def test_demo_rejects_learner_settings_that_cannot_work() -> None:
+    with pytest.raises(ConfigError, match="sources must be"):
+        DemoConfig(learn_from="organic")
+    with pytest.raises(ConfigError, match="sqn_weight"):
+        DemoConfig(sqn_weight=0.0)  # the default ranks by the next-item head
+    with pytest.raises(ConfigError, match="both be 0"):
+        DemoConfig(serve_next_item_weight=0.0)
+    config = DemoConfig(
+        sqn_weight=0.0, serve_q_weight=1.0, serve_next_item_weight=0.0, learn_from="logged,recommendation"
+    )
+    assert parse_sources(config.learn_from) == {"logged", "recommendation"}

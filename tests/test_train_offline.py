@@ -27,6 +27,7 @@ def test_training_on_a_real_log_lowers_the_held_out_td_loss(tmp_path: Path) -> N
         vocabulary_capacity=3000,
         embed_dim=16,
         hidden_sizes="64,64",
+        repeat_head=True,
         batch_size=64,
         updates_per_call=8,
         holdout_fraction=0.2,
@@ -40,3 +41,4 @@ def test_training_on_a_real_log_lowers_the_held_out_td_loss(tmp_path: Path) -> N
     assert (out / "learning_curve.png").stat().st_size > 1000
     network_config, bundle = load_bundle((out / "model.bin").read_bytes())
     assert network_config.num_actions == 3002 and bundle.feature_dim == 61
+    assert network_config.repeat_head  # the setting reaches the published model

@@ -10,6 +10,19 @@ from services.topics import DEAD_LETTER, MODEL, TRANSITIONS
 # What one action of the model is: an item, or the category or brand of the item acted on.
 ACTION_GRANULARITIES = ("item", "category", "brand")
 
+# Where a transition comes from (Transition.source): feedback on a shown slate, or logged behaviour.
+TRANSITION_SOURCES = ("recommendation", "logged")
+
+
+def parse_sources(text: str) -> frozenset[str]:
+    """'recommendation, logged' -> the set of transition sources; a ConfigError names the setting."""
+    sources = frozenset(part.strip() for part in text.split(",") if part.strip())
+    if not sources or sources - set(TRANSITION_SOURCES):
+        raise ConfigError(
+            f"sources must be a comma-separated subset of {', '.join(TRANSITION_SOURCES)}, got {text!r}"
+        )
+    return sources
+
 
 def parse_hidden_sizes(text: str) -> tuple[int, ...]:
     """'256,256' -> (256, 256); a ConfigError names the setting when the text is not that."""
@@ -34,6 +47,11 @@ class ModelSettings:
     embed_dim: int = setting(64, help="width of item embeddings and of the state vector")
     hidden_sizes: str = setting("256,256", help="hidden layer widths of the state MLP")
     dueling: bool = setting(False, help="dueling Q-network head")
+    repeat_head: bool = setting(
+        False,
+        help="score the items of the recent window with a learned repeat score too (a copy "
+        "mechanism: shoppers return to what they just viewed, even to items the model barely knows)",
+    )
     gamma: float = setting(0.9, help="discount factor")
     learning_rate: float = setting(1e-3, help="Adam step size")
     max_grad_norm: float = setting(10.0, help="gradient clipping by global norm")
@@ -42,6 +60,14 @@ class ModelSettings:
     target_update_period: int = setting(500, help="updates between hard target copies")
     polyak_tau: float = setting(0.005, help="blend weight per update with --target-update polyak")
     sqn_weight: float = setting(0.0, help="weight of the SQN next-item loss (0 disables the head)")
+    serve_q_weight: float = setting(
+        1.0, help="weight of Q(s, a) in the score the published model ranks items by"
+    )
+    serve_next_item_weight: float = setting(
+        0.0,
+        help="weight of the next-item (SQN) head's logit in the published score; like SQN, rank by the "
+        "supervised head (with --serve-q-weight 0) or by a blend (needs --sqn-weight > 0)",
+    )
     batch_size: int = setting(256, help="transitions per update")
     updates_per_call: int = setting(8, help="updates fused into one compiled call (lax.scan)")
     replay_capacity: int = setting(200000, help="transitions kept in the replay buffer")
@@ -63,6 +89,14 @@ class ModelSettings:
 
     def check(self) -> None:
         self.hidden()
+        if self.serve_next_item_weight != 0.0 and self.sqn_weight <= 0:
+            raise ConfigError("serve_next_item_weight needs the next-item head: set sqn_weight > 0")
+        if self.serve_next_item_weight != 0.0 and self.repeat_head:
+            raise ConfigError(
+                "serve_next_item_weight cannot be blended with the repeat head: use one or the other"
+            )
+        if self.serve_q_weight == 0.0 and self.serve_next_item_weight == 0.0:
+            raise ConfigError("serve_q_weight and serve_next_item_weight cannot both be 0")
         if self.target_update not in ("periodic", "polyak"):
             raise ConfigError(f"target_update must be periodic or polyak, got {self.target_update!r}")
         if self.action_granularity not in ACTION_GRANULARITIES:
@@ -97,6 +131,11 @@ class LearnerServiceConfig(ModelSettings, BusConfig):
         help="published versions kept beside the checkpoint (CHECKPOINT_DIR.history) for `qrec rollback`; "
         "0 keeps none",
     )
+    sources: str = setting(
+        "recommendation,logged",
+        help="transition sources to learn from, comma-separated: recommendation (the feedback on shown "
+        "slates) and logged (each organic interaction as the user's own action); others are skipped",
+    )
     replay_ratio: float = setting(
         4.0, help="times each consumed transition is replayed on average (sampled per consumed)"
     )
@@ -112,6 +151,11 @@ class LearnerServiceConfig(ModelSettings, BusConfig):
         self.check()
         if self.replay_ratio <= 0:
             raise ConfigError(f"replay_ratio must be > 0, got {self.replay_ratio}")
+        self.source_set()
+
+    def source_set(self) -> frozenset[str]:
+        """The transition sources learned from."""
+        return parse_sources(self.sources)
 
 
 @register("train")

@@ -53,6 +53,12 @@ class LearnerMetrics(ProcessMetrics):
             "Transitions dropped because their id was already learned",
             registry=registry,
         )
+        self.skipped_sources = Counter(
+            "qrec_learner_skipped_source_transitions_total",
+            "Transitions not learned because their source is not among --sources",
+            ["source"],
+            registry=registry,
+        )
         self.unusable = Counter(
             "qrec_learner_unusable_transitions_total",
             "Transitions skipped because they lack the action at the model's granularity",
@@ -200,6 +206,7 @@ class Learner:
         ]
         self.checkpoint_dir = Path(config.checkpoint_dir)
         self.trainer = Trainer(config, FEATURE_DIM)
+        self.sources = config.source_set()
         self.version = 0
         self.learned = 0  # transitions consumed into the buffer over the model's whole life
         self.offsets: dict[TopicPartition, int] = {}
@@ -282,7 +289,7 @@ class Learner:
                     remaining.discard(tp)
                     continue
                 message = TRANSITIONS.decode(record.value)
-                if isinstance(message, Transition):
+                if isinstance(message, Transition) and message.source in self.sources:
                     batch.append(message)
             remaining = {tp for tp in remaining if self.consumer.position(tp) < self.offsets.get(tp, 0)}
         seen = self.trainer.seen_ids.copy()
@@ -367,10 +374,20 @@ class Learner:
             transitions.append(message)
         return transitions
 
+    def _learned_sources(self, transitions: list[Transition]) -> list[Transition]:
+        """The transitions whose source the learner learns from; the others are counted by source."""
+        kept = []
+        for transition in transitions:
+            if transition.source in self.sources:
+                kept.append(transition)
+            else:
+                self.metrics.skipped_sources.labels(transition.source).inc()
+        return kept
+
     def poll_once(self, timeout_s: float = 0.5) -> int:
         records = self.consumer.poll(max_records=5000, timeout_s=timeout_s)
         if records:
-            transitions = self._decode(records)
+            transitions = self._learned_sources(self._decode(records))
             unusable_before = self.trainer.unusable
             added = self.trainer.add(transitions)
             skipped = self.trainer.unusable - unusable_before

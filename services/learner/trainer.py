@@ -58,6 +58,7 @@ def network_config_for(settings: ModelSettings) -> NetworkConfig:
         hidden_sizes=settings.hidden(),
         dueling=settings.dueling,
         next_item_head=settings.sqn_weight > 0,
+        repeat_head=settings.repeat_head,
     )
 
 
@@ -273,7 +274,11 @@ class Trainer:
 
     # -- persistence ------------------------------------------------------------------------------
     def bundle_bytes(self) -> bytes:
-        """The published model: network config, shapes, online parameters and the vocabulary."""
+        """The published model: network config, shapes, online parameters and the vocabulary.
+
+        The parameters are the online ones with the Q-head blended with the next-item head as the
+        settings' serve weights say (unchanged by default); checkpoints keep the heads apart.
+        """
         from dataclasses import asdict
 
         bundle = ModelBundle(
@@ -284,7 +289,13 @@ class Trainer:
             },
             window=self.window,
             feature_dim=self.feature_dim,
-            params=tree_to_bytes(self.state.params),
+            params=tree_to_bytes(
+                serving_params(
+                    self.state.params,
+                    q_weight=self.settings.serve_q_weight,
+                    next_item_weight=self.settings.serve_next_item_weight,
+                )
+            ),
             vocabulary=self.vocabulary.to_bytes(),
             granularity=self.granularity,
             item_groups=b"" if self.granularity == "item" else self.item_groups.to_bytes(),
@@ -328,6 +339,37 @@ def td_errors(
         selector = q_values(network, params, batch.obs_t)  # (B, A)
         return jax.vmap(double_q_learning)(q_tm1, batch.a_tm1, batch.r_t, discount, q_t, selector)
     return jax.vmap(q_learning)(q_tm1, batch.a_tm1, batch.r_t, discount, q_t)
+
+
+def serving_params(params: Any, *, q_weight: float, next_item_weight: float) -> Any:
+    """Parameters whose Q-head scores ``q_weight * Q(s, a) + next_item_weight * next-item logit``.
+
+    Both heads score a state projection against the same item table plus a per-item bias
+    (``f(s) . e_a + b_a``), so a weighted sum of the two is itself such a head: the published model
+    keeps the network's shape and any reader ranks by the blend. A per-state constant (the
+    log-softmax normaliser, the dueling value) never changes a user's ranking. With
+    ``next_item_weight`` 0 and ``q_weight`` 1 the parameters come back unchanged.
+    """
+    if next_item_weight == 0.0 and q_weight == 1.0:
+        return params
+    inner = params["params"]
+    if "next_item_projection" not in inner:
+        raise ValueError("blending in the next-item head needs a model trained with sqn_weight > 0")
+    if "repeat_out" in inner:
+        # The repeat head replaces the next-item logits of the window's items but adds to their Q:
+        # no single head of the Q form scores that blend.
+        raise ValueError("blending in the next-item head is not possible with the repeat head")
+    q_head, next_head = inner["state_projection"], inner["next_item_projection"]
+    blended = {
+        **inner,
+        "state_projection": {
+            name: q_weight * np.asarray(q_head[name]) + next_item_weight * np.asarray(next_head[name])
+            for name in q_head
+        },
+        "action_bias": q_weight * np.asarray(inner["action_bias"])
+        + next_item_weight * np.asarray(inner["next_item_bias"]),
+    }
+    return {**params, "params": blended}
 
 
 def load_bundle(data: bytes) -> tuple[NetworkConfig, ModelBundle]:
