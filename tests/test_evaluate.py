@@ -257,3 +257,36 @@ def test_spread_over_seeds_is_mean_std_and_a_t_interval():
 def test_missing_log_is_a_clear_error(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "nope.csv"), "--no-progress"]) == 2
     assert "nope.csv" in capsys.readouterr().err
+
+
+def test_training_stops_after_patience_checks_without_a_new_best_and_keeps_the_best(tmp_path, monkeypatch):
+    from services.evaluate.models import NeuralModel
+
+    sessions = {f"u{n}": [("a", "view", None), ("b", "view", None), ("c", "cart", None)] for n in range(40)}
+    log = load_log(_write_log(tmp_path / "log.jsonl", sessions), window=10)
+    catalogue = Catalogue.of([log])
+    config = EvaluateConfig(log="unused", embed_dim=8, hidden_sizes="16", batch_size=8, max_actions=10)
+    model = NeuralModel("supervised", config, catalogue, log.interactions, seed=0)
+    # Validation scores in check order: the best comes at the 2nd check, then 3 checks without it.
+    scores = iter([0.0, 0.2, 0.5, 0.4, 0.5, 0.3, 0.9, 0.9])
+    kept: list[object] = []
+
+    def fake_validate(params, validation):
+        score = next(scores)
+        kept.append(params)
+        return score
+
+    monkeypatch.setattr(model, "_validate_with", fake_validate)
+    targets = targets_for(log.interactions, catalogue, "sqn")
+    per_call = model.trainer.settings.updates_per_call
+    model.fit(epochs=100, eval_every=per_call, validation=targets, patience=3)
+    assert [score for _, score in model.validation_curve] == [0.0, 0.2, 0.5, 0.4, 0.5, 0.3]
+    assert [done for done, _ in model.validation_curve] == [
+        0,
+        per_call,
+        2 * per_call,
+        3 * per_call,
+        4 * per_call,
+        5 * per_call,
+    ]
+    assert model.params is kept[2]  # the parameters of the best check, not the last

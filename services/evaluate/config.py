@@ -33,7 +33,9 @@ class EvaluateConfig:
     seeds: int = setting(3, help="runs with different splits (users/sessions) and initialisations")
     first_seed: int = setting(0, help="seed of the first run; run i uses first_seed + i")
     window: int = setting(10, help="interactions in the state (the protocol's last 10)")
-    epochs: float = setting(2.0, help="passes over the training transitions per neural model")
+    epochs: float = setting(
+        20.0, help="most passes over the training transitions per neural model (see --patience)"
+    )
     batch_size: int = setting(256, help="transitions per update")
     learning_rate: float = setting(3e-3, help="Adam step size of the neural models")
     gamma: float = setting(0.5, help="discount of the Q-learning models")
@@ -50,6 +52,9 @@ class EvaluateConfig:
     )
     eval_every: int = setting(
         50, help="updates between validation checks; the best validated parameters are kept"
+    )
+    patience: int = setting(
+        5, help="validation checks without a new best before a neural model stops training (0: never)"
     )
     validation_targets: int = setting(2000, help="validation targets used per check (a fixed sample)")
     models: str = setting(
@@ -110,7 +115,7 @@ class EvaluateConfig:
         for name in ("seeds", "window", "batch_size", "embed_dim", "max_actions", "eval_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("tabular_epochs", "validation_targets", "cooccurrence_window"):
+        for name in ("tabular_epochs", "validation_targets", "cooccurrence_window", "patience"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.tabular_buckets < 1:

@@ -135,8 +135,13 @@ class NeuralModel:
         eval_every: int,
         validation: Sequence[Target],
         on_updates: Callable[[int], None] = lambda n: None,
+        patience: int = 0,
     ) -> None:
-        """Train for `epochs` passes; keep the parameters with the best validation HR@10."""
+        """Train for `epochs` passes; keep the parameters with the best validation HR@10.
+
+        With `patience` > 0, stop once that many checks in a row have not beaten the best: small
+        logs overfit within a few epochs, and every update after that is wasted time.
+        """
         if self.train_transitions == 0:
             return
         trainer = self.trainer
@@ -146,7 +151,8 @@ class NeuralModel:
         best = self._validate(validation) if validation else float("-inf")
         self.validation_curve.append((0, best))
         done = 0
-        while done < total:
+        checks_since_best = 0
+        while done < total and not (patience and checks_since_best >= patience):
             steps = min(chunk, total - done)
             if self.name == "supervised":
                 self._train_supervised(steps)
@@ -157,8 +163,9 @@ class NeuralModel:
             if validation:
                 score = self._validate_with(trainer.state.params, validation)
                 self.validation_curve.append((done, score))
+                checks_since_best += 1
                 if score > best:
-                    best, self.params = score, trainer.state.params
+                    best, self.params, checks_since_best = score, trainer.state.params, 0
             else:
                 self.params = trainer.state.params
 

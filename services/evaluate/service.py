@@ -154,7 +154,7 @@ def run_evaluate(config: EvaluateConfig, console: Console | None = None) -> dict
                         total=total + model.total_updates(config.epochs, config.batch_size),
                         description=f"seed {seed}: {variant}",
                     )
-                model.fit(config.epochs, config.eval_every, validation, advance)
+                model.fit(config.epochs, config.eval_every, validation, advance, config.patience)
                 trained[variant] = model
                 detail["neural"][variant] = {
                     "train_transitions": model.train_transitions,
