@@ -60,6 +60,8 @@ class LearnerConfig:
     """TD errors beyond this magnitude are penalised linearly."""
     sqn_weight: float = 0.0
     """Weight of SQN's next-item cross-entropy (label a_tm1); 0 disables it."""
+    td_weight: float = 1.0
+    """Weight of the TD loss; 0 (with sqn_weight > 0) trains a plain supervised next-item model."""
     seed: int = 0
     """Seed for parameter initialisation when no key is given."""
 
@@ -80,6 +82,10 @@ class LearnerConfig:
             raise ValueError(f"huber_delta must be > 0, got {self.huber_delta}")
         if self.sqn_weight < 0:
             raise ValueError(f"sqn_weight must be >= 0, got {self.sqn_weight}")
+        if self.td_weight < 0:
+            raise ValueError(f"td_weight must be >= 0, got {self.td_weight}")
+        if self.td_weight == 0 and self.sqn_weight == 0:
+            raise ValueError("td_weight and sqn_weight cannot both be 0: nothing would be learned")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> LearnerConfig:
@@ -255,7 +261,8 @@ def update(
 
     `action_mask` (A,) bool limits the bootstrap max to actions that exist (assigned vocabulary
     indices); None allows all. Metrics (scalars): loss, td_loss, next_item_loss, td_error_abs_mean,
-    q_mean and q_max (of Q(s_tm1, a_tm1) over the batch), grad_norm.
+    q_mean and q_max (of Q(s_tm1, a_tm1) over the batch), grad_norm. With `config.td_weight` 0 no
+    bootstrap is computed and the TD metrics measure Q against 0.
     """
     check_transition_batch(batch)
     batch_size = batch.a_tm1.shape[0]
@@ -265,8 +272,11 @@ def update(
         raise ValueError("sqn_weight > 0 needs NetworkConfig(next_item_head=True)")
     discount_t = config.gamma * batch.discount_t  # (B,)
 
-    # Bootstrap targets need no gradient, so they are computed outside value_and_grad.
-    if num_actions > BOOTSTRAP_CHUNK:
+    # Bootstrap targets need no gradient, so they are computed outside value_and_grad; without a TD
+    # loss they are not needed at all (and over a large catalogue they are most of the work).
+    if config.td_weight == 0:
+        target_tm1 = jnp.zeros((batch_size,), jnp.float32)
+    elif num_actions > BOOTSTRAP_CHUNK:
         q_boot = chunked_bootstrap_values(
             network, state.params, state.target_params, batch.obs_t, action_mask, double_dqn=config.double_dqn
         )  # (B,)
@@ -290,7 +300,7 @@ def update(
         assert q_tm1_a.shape == (batch_size,), q_tm1_a.shape
         td_error = target_tm1 - q_tm1_a  # (B,)
         td_loss = jnp.mean(batch.weights * huber_loss(td_error, config.huber_delta))
-        loss = td_loss + config.sqn_weight * next_item_loss
+        loss = config.td_weight * td_loss + config.sqn_weight * next_item_loss
         aux = {
             "td_loss": td_loss,
             "next_item_loss": next_item_loss,

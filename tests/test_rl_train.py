@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -451,3 +452,23 @@ def test_only_the_repeat_head_learns_to_return_to_items_it_has_no_embedding_for(
         assert accuracy > 0.75, accuracy
     else:
         assert accuracy < 0.1, accuracy
+
+
+def test_td_weight_zero_is_a_plain_supervised_step_that_ignores_rewards() -> None:
+    with pytest.raises(ValueError, match="cannot both be 0"):
+        LearnerConfig(td_weight=0.0)
+    batch = sequence_batch(window=3, num_items=SEQUENCE_ITEMS)
+    network = QNetwork(SEQUENCE_NETWORK)
+    supervised = LearnerConfig(sqn_weight=1.0, td_weight=0.0, learning_rate=1e-2)
+    state = create_train_state(SEQUENCE_NETWORK, supervised, batch.obs_tm1, jax.random.key(0))
+    rewarded = batch.replace(r_t=np.full_like(np.asarray(batch.r_t), 5.0))
+    plain, metrics = update_jit(state, batch, network=network, config=supervised)
+    other, _ = update_jit(state, rewarded, network=network, config=supervised)
+    assert trees_equal(plain.params, other.params)
+    assert float(metrics["loss"]) == pytest.approx(float(metrics["next_item_loss"]))
+    # With the TD loss on, the rewards move the parameters.
+    joint = dataclasses.replace(supervised, td_weight=1.0)
+    assert not trees_equal(
+        update_jit(state, batch, network=network, config=joint)[0].params,
+        update_jit(state, rewarded, network=network, config=joint)[0].params,
+    )

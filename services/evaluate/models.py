@@ -7,8 +7,7 @@
   al., SIGIR 2020), which generates recommendations from the supervised head.
 
 Training reuses the learner's `Trainer` (vocabulary, replay buffer, train state and the fused DQN
-updates); only the supervised-only update is defined here, because the DQN update always includes
-the TD loss.
+updates); the supervised model is the same update with the TD loss weighted 0.
 """
 
 from __future__ import annotations
@@ -20,14 +19,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
-from rl.batch import ObsBatch, TransitionBatch
+from rl.batch import ObsBatch
 from rl.networks import QNetwork
 from rl.ranking import hit_rate, target_ranks
-from rl.train import LearnerConfig, TrainState, make_optimizer
 from services.evaluate.config import EvaluateConfig
 from services.evaluate.splits import Catalogue, Interaction, Target
 from services.learner.config import ModelSettings
@@ -35,34 +31,6 @@ from services.learner.trainer import Trainer
 from services.state_builder.step import FEATURE_DIM
 
 SCORE_BATCH = 512  # rows scored per compiled call (padded), so one shape compiles once
-
-
-def _supervised_update(
-    state: TrainState, batch: TransitionBatch, *, network: QNetwork, config: LearnerConfig
-) -> tuple[TrainState, jax.Array]:
-    """One step of the next-item cross-entropy alone; returns the new state and the loss."""
-
-    def loss_fn(params: Any) -> jax.Array:
-        logits = network.apply(params, batch.obs_tm1, method=QNetwork.next_item_logits)  # (B, A)
-        cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, batch.a_tm1)  # (B,)
-        return jnp.mean(batch.weights * cross_entropy)
-
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    updates, opt_state = make_optimizer(config).update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    return state.replace(params=params, opt_state=opt_state, step=state.step + 1), loss
-
-
-@functools.partial(jax.jit, static_argnames=("network", "config"))
-def supervised_update_many(
-    state: TrainState, batches: TransitionBatch, *, network: QNetwork, config: LearnerConfig
-) -> tuple[TrainState, jax.Array]:
-    """K supervised steps fused in one `lax.scan` (batches stacked on a leading axis K)."""
-
-    def body(carry: TrainState, batch: TransitionBatch) -> tuple[TrainState, jax.Array]:
-        return _supervised_update(carry, batch, network=network, config=config)
-
-    return jax.lax.scan(body, state, batches)
 
 
 @functools.partial(jax.jit, static_argnames=("network", "head"))
@@ -111,7 +79,9 @@ class NeuralModel:
         self.trainer = Trainer(settings, FEATURE_DIM)
         # The seed already went into the initial parameters and the sampler; the update's config is
         # a static jit argument, so leaving the seed in it would recompile the update for every run.
-        self.trainer.learner_config = dataclasses.replace(self.trainer.learner_config, seed=0)
+        self.trainer.learner_config = dataclasses.replace(
+            self.trainer.learner_config, seed=0, td_weight=0.0 if variant == "supervised" else 1.0
+        )
         self.trainer.vocabulary.observe([catalogue.item_ids[i] for i in chosen], 0)
         # Catalogue index -> action index of the network, for the items it scores.
         self.scored_items = chosen  # (V,)
@@ -154,10 +124,7 @@ class NeuralModel:
         checks_since_best = 0
         while done < total and not (patience and checks_since_best >= patience):
             steps = min(chunk, total - done)
-            if self.name == "supervised":
-                self._train_supervised(steps)
-            else:
-                trainer.train(steps)
+            trainer.train(steps)
             done += steps
             on_updates(steps)
             if validation:
@@ -168,15 +135,6 @@ class NeuralModel:
                     best, self.params, checks_since_best = score, trainer.state.params, 0
             else:
                 self.params = trainer.state.params
-
-    def _train_supervised(self, steps: int) -> None:
-        trainer = self.trainer
-        per_call = trainer.settings.updates_per_call
-        for _ in range(steps // per_call):
-            batches, _, _ = trainer.buffer.sample_stacked(per_call, trainer.settings.batch_size, trainer.rng)
-            trainer.state, _ = supervised_update_many(
-                trainer.state, batches, network=trainer.network, config=trainer.learner_config
-            )
 
     def _validate(self, validation: Sequence[Target]) -> float:
         return self._validate_with(self.trainer.state.params, validation)
