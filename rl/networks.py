@@ -243,10 +243,6 @@ class QNetwork(nn.Module):
             self._next_item_from_hidden(obs, hidden, context),
         )
 
-    def state_and_value(self, obs: ObsBatch) -> tuple[jax.Array, jax.Array | None]:
-        """f(s) (B, E) and, for the dueling form, V(s) (B,): what scoring the actions starts from."""
-        return self._advantage_parts(self.encode(obs))
-
     def scoring_parts(self, obs: ObsBatch) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
         """f(s) (B, E), V(s) (B,) or None, and the repeat head's Q scores for the window (B, W) or
         None: everything Q(s, a) is built from, so a caller can score the actions in chunks.

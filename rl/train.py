@@ -31,7 +31,6 @@ from rl.networks import (
     init_params_compiled,
     item_embedding_init,
     q_values,
-    repeat_for_actions,
 )
 from rl.value_learning import double_q_learning_target, huber_loss, q_learning_target
 
@@ -185,14 +184,13 @@ def chunked_bootstrap_values(
     allowed = jnp.ones((num_actions,), bool) if action_mask is None else action_mask  # (A,)
     allowed = jnp.pad(allowed, (0, pad)).reshape(chunks, chunk)  # padding is never allowed
 
-    def scoring(p: Any) -> tuple[jax.Array, jax.Array | None, jax.Array | None, jax.Array, jax.Array]:
-        state, value, repeat = cast(
-            "tuple[jax.Array, jax.Array | None, jax.Array | None]",
-            network.apply(p, obs_t, method=QNetwork.scoring_parts),
-        )
-        return state, value, repeat, p["params"]["item_embedding"]["embedding"], p["params"]["action_bias"]
-
-    sel_state, _, sel_repeat, sel_table, sel_bias = scoring(params if double_dqn else target_params)
+    selector = params if double_dqn else target_params
+    sel_state, _, sel_repeat = cast(
+        "tuple[jax.Array, jax.Array | None, jax.Array | None]",
+        network.apply(selector, obs_t, method=QNetwork.scoring_parts),
+    )
+    sel_table = selector["params"]["item_embedding"]["embedding"]  # (A, E)
+    sel_bias = selector["params"]["action_bias"]  # (A,)
     batch_size = sel_state.shape[0]
     rows = jnp.arange(batch_size)[:, None]  # (B, 1)
     tables = jnp.pad(sel_table, ((0, pad), (0, 0))).reshape(chunks, chunk, -1)  # (n, C, E)
@@ -219,16 +217,8 @@ def chunked_bootstrap_values(
     init = (jnp.full((batch_size,), -jnp.inf), jnp.zeros((batch_size,), jnp.int32))
     starts = jnp.arange(chunks, dtype=jnp.int32) * chunk
     (_, best_index), _ = jax.lax.scan(best_of_chunk, init, (tables, biases, allowed, starts))
-    state, value, repeat, table, bias = scoring(target_params)
-    q = jnp.einsum("be,be->b", state, table[best_index]) + bias[best_index]  # (B,)
-    if repeat is not None:
-        q = q + repeat_for_actions(obs_t.items, repeat, best_index)
-    if value is not None:
-        mean_advantage = state @ table.mean(axis=0) + bias.mean()  # (B,)
-        if repeat is not None:
-            mean_advantage = mean_advantage + repeat.sum(axis=1) / num_actions
-        q = value + q - mean_advantage
-    return q
+    # The chosen action is rated by the target network, as QNetwork.q_for_actions rates any action.
+    return cast(jax.Array, network.apply(target_params, obs_t, best_index, method=QNetwork.q_for_actions))
 
 
 def _plain_bootstrap_targets(
