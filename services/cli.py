@@ -8,7 +8,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services import __version__
-from services.bus.base import BusError
+from services.bus.base import Bus, BusError
 from services.config import (
     BusConfig,
     ConfigError,
@@ -126,18 +127,27 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextmanager
+def _kafka_bus(config: Any, refusal: str) -> Iterator[Bus]:
+    """The bus of a command that only makes sense on a real Kafka: refused (with `refusal`) on the
+    embedded bus, closed when the command is done."""
+    if config.bootstrap_servers == "embedded":
+        raise ConfigError(refusal)
+    bus = make_bus(config)
+    try:
+        yield bus
+    finally:
+        bus.close()
+
+
 def cmd_record(args: argparse.Namespace) -> int:
     from services.replay.config import RecordConfig
     from services.replay.service import run_record
 
     config = config_from_args(RecordConfig, args)
-    if config.bootstrap_servers == "embedded":
-        raise ConfigError("record reads an existing topic: pass --bootstrap-servers HOST:PORT of your Kafka")
-    bus = make_bus(config)
-    try:
+    refusal = "record reads an existing topic: pass --bootstrap-servers HOST:PORT of your Kafka"
+    with _kafka_bus(config, refusal) as bus:
         summary = run_record(config, bus)
-    finally:
-        bus.close()
     console.print(
         f"recorded {summary.records:,} records from {summary.partitions} partitions of {config.topic} "
         f"to {config.out} in {summary.seconds:.1f} s"
@@ -215,10 +225,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     from services.state_builder.service import CONTROL_HEADER, FORGET
 
     config = config_from_args(ForgetConfig, args)
-    if config.bootstrap_servers == "embedded":
-        raise ConfigError("forget talks to your Kafka: pass --bootstrap-servers HOST:PORT")
-    bus = make_bus(config)
-    try:
+    with _kafka_bus(config, "forget talks to your Kafka: pass --bootstrap-servers HOST:PORT") as bus:
         producer = bus.producer()
         # Sent through the clickstream so it reaches the user's owner in order with their events.
         producer.send(
@@ -226,8 +233,6 @@ def cmd_forget(args: argparse.Namespace) -> int:
         )
         producer.flush()
         producer.close()
-    finally:
-        bus.close()
     console.print(
         f"asked the state-builders to forget {config.user_id!r}: its state and pending recommendations are "
         "dropped and a tombstone is written to the user-state topic"
@@ -251,13 +256,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
             table.add_row(str(kept["version"]), f"{kept['step']:,}", f"{kept['learned']:,}", stamp)
         console.print(table)
         return 0
-    if config.bootstrap_servers == "embedded":
-        raise ConfigError("rollback publishes to your Kafka: pass --bootstrap-servers HOST:PORT")
-    bus = make_bus(config)
-    try:
+    with _kafka_bus(config, "rollback publishes to your Kafka: pass --bootstrap-servers HOST:PORT") as bus:
         done = rollback(config, bus)
-    finally:
-        bus.close()
     console.print(
         f"version {done['rolled_back_to']} is served again as version {done['published_as']} "
         f"({done['bytes']:,} bytes); the learner's checkpoint now resumes from it: restart the learner"
