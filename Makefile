@@ -5,10 +5,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 KAFKA  := deploy/kafka/kafka.sh
 
-.PHONY: help venv demo up test lint typecheck unit bench kafka-jars prometheus clean
+.PHONY: help venv demo demo-processes up test lint typecheck unit bench kafka-jars prometheus clean
 
 help:
 	@echo "make demo   - run the main job on the embedded bus (sets up .venv first)"
+	@echo "make demo-processes - the same demo on a local Kafka broker, each service its own OS process"
 	@echo "make up     - run a whole deployment here (Kafka, services, simulated shoppers, Prometheus)"
 	@echo "make test   - lint, type-check and run all tests against a real Kafka broker and Prometheus"
 	@echo "make bench  - run all benchmarks, writing out/bench.json"
@@ -35,6 +36,11 @@ kafka-jars:
 
 demo: $(STAMP)
 	$(BIN)/qrec demo
+
+# The demo as deployed: a Kafka broker from deploy/kafka, the state-builder, the actor and the three
+# learners each as its own OS process; the shop's clock runs 60x the wall clock (3 hours in 3 minutes).
+demo-processes: $(STAMP) kafka-jars
+	$(BIN)/qrec demo --processes --bootstrap-servers local
 
 # A local deployment: Kafka, 2 state-builders, the learner, 2 actors, simulated shoppers at 10x real
 # time and Prometheus on :9090; logs and deployment.json in qrec-run/. Ctrl-C stops it in order.

@@ -260,6 +260,38 @@ def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
     return load_config(cls, cli, config_file=getattr(args, "config", None))
 
 
+def config_args(config: Any, *, leave_out: tuple[str, ...] = ("sasl_plain_password",)) -> list[str]:
+    """Flags that rebuild ``config`` in another process (``qrec <service> <flags>``).
+
+    Every setting is passed, defaults included, so QREC_* variables in the child's environment cannot
+    change what the parent chose. Secrets (``leave_out``) never go on a command line, where ``ps``
+    shows them: pass them through the environment.
+    """
+    hints = _field_types(type(config))
+    args: list[str] = []
+    for f in dataclasses.fields(config):
+        if f.name in leave_out:
+            continue
+        value = getattr(config, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        kind, nullable = _base_type(hints[f.name])
+        if f.metadata.get("positional"):
+            raise ValueError(f"{f.name} is positional: config_args passes flags only")
+        if value is None:
+            if not nullable:
+                raise ValueError(f"{f.name} is None but cannot be empty")
+            args += [flag, "none"]
+        elif kind is bool:
+            args.append(flag if value else "--no-" + flag[2:])
+        elif kind is float:
+            args += [flag, repr(float(value))]
+        elif typing.get_origin(kind) is tuple:
+            args += [flag, ",".join(value)]
+        else:
+            args += [flag, str(value)]
+    return args
+
+
 def kafka_settings(config: BusConfig, **overrides: Any) -> Any:
     """The KafkaSettings for a config (imported lazily: only the bus module imports the client)."""
     from services.bus.kafka import KafkaSettings

@@ -27,14 +27,16 @@ phase of the run (its second half), when the learners have had time to learn.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import os
 import sys
 import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +52,7 @@ from schemas.messages import ClickEvent, Recommendation, UserState
 from services.actor.config import BANDIT_MODEL, ActorConfig
 from services.actor.service import Actor
 from services.actor.step import parse_split
-from services.bus.base import Bus, TopicPartition
+from services.bus.base import Bus, Producer, Record, TopicPartition
 from services.config import BusConfig, ConfigError, make_bus, register, setting
 from services.learner.config import LearnerServiceConfig, parse_sources
 from services.learner.service import Learner
@@ -64,7 +66,10 @@ from services.topics import CLICKSTREAM
 from services.topics import RECOMMENDATIONS as RECOMMENDATIONS_TOPIC
 
 DEFAULT_POLICIES = "dqn=0.2,bandit=0.16,tabular_q=0.16,popularity=0.16,random=0.16,oracle=0.16"
+DEFAULT_PROCESS_POLICIES = "dqn=0.2,bandit=0.2,tabular_q=0.2,popularity=0.2,random=0.2"
 SPLIT_SALT = "qrec-ab-1"
+LOCAL_KAFKA = "local"
+"""--bootstrap-servers value that starts a Kafka broker from deploy/kafka for the run (with --processes)."""
 
 
 @register("demo")
@@ -112,6 +117,16 @@ class DemoConfig(BusConfig):
         "whose next-item label is the item shown, not chosen) or both",
     )
     seed: int = setting(7, help="seed of the simulated shop")
+    processes: bool = setting(
+        False,
+        help="run the state-builder, the actor and the three learners each as its own OS process, as in "
+        "production (needs Kafka: --bootstrap-servers); this process plays the shoppers on a clock "
+        "--speed times the wall clock and writes the report. The oracle group is left out: only the "
+        "simulator knows the true preferences, and it is not in the actor's process",
+    )
+    speed: float = setting(
+        60.0, help="with --processes: simulated seconds per wall-clock second (60: an hour in a minute)"
+    )
     out: str = setting("out/demo", help="folder for report.html, the plots and summary.json")
     live: bool = setting(True, help="show the live view (only on a terminal)")
     compile_cache: str = setting(
@@ -122,6 +137,19 @@ class DemoConfig(BusConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         parse_split(self.policies, SPLIT_SALT)
+        if self.processes:
+            if self.bootstrap_servers == "embedded":
+                raise ConfigError(
+                    "--processes runs every service as its own process, which talk over Kafka: pass "
+                    f"--bootstrap-servers HOST:PORT, or '{LOCAL_KAFKA}' to start a broker from deploy/kafka"
+                )
+            if "oracle" in parse_split(self.process_policies, SPLIT_SALT).names:
+                raise ConfigError(
+                    "the oracle reads the simulator's hidden preferences, which only this process has: "
+                    "leave oracle out of --policies with --processes"
+                )
+        if not self.speed > 0:
+            raise ConfigError(f"speed must be > 0, got {self.speed}")
         for name, value in (("hours", self.hours), ("quick_hours", self.quick_hours)):
             if value <= 0:
                 raise ConfigError(f"{name} must be > 0, got {value}")
@@ -132,6 +160,11 @@ class DemoConfig(BusConfig):
             raise ConfigError("serve_next_item_weight needs the next-item head: set sqn_weight > 0")
         if self.serve_q_weight == 0.0 and self.serve_next_item_weight == 0.0:
             raise ConfigError("serve_q_weight and serve_next_item_weight cannot both be 0")
+
+    @property
+    def process_policies(self) -> str:
+        """The A/B split with --processes: the default one without its oracle group."""
+        return DEFAULT_PROCESS_POLICIES if self.policies == DEFAULT_POLICIES else self.policies
 
 
 @dataclass
@@ -183,12 +216,39 @@ class DemoMetrics:
                 gauge.labels(policy).set(numbers[name])
 
 
-class Demo:
-    """Wires the simulator to the services and records what happens."""
+@dataclass(frozen=True)
+class ServiceNumbers:
+    """What the services report at the end of a report window (cumulative)."""
 
-    def __init__(self, config: DemoConfig, bus: Bus, workdir: Path) -> None:
+    transitions: int = 0
+    updates: int = 0
+    model_version: int = 0
+    loss: float | None = None
+    explored_share: float | None = None
+
+
+@dataclass(frozen=True)
+class LearnerTotals:
+    """What the learners did over the whole run, for the summary."""
+
+    model_version: int
+    updates: int
+    bandit_updates: int
+    tabular_updates: int
+
+
+class ClosedLoop:
+    """The simulated shop and its books: each shopper's group, and what each group was shown and earned.
+
+    Subclasses connect the shop to the services (in this process, or as separate processes) and say
+    what the services report (``service_numbers``, ``learner_totals``).
+    """
+
+    producer: Producer
+    clickstream_topic: str = CLICKSTREAM
+
+    def __init__(self, config: DemoConfig, policies: str) -> None:
         self.config = config
-        self.bus = bus
         hours = config.quick_hours if config.quick else config.hours
         self.duration_ms = int(hours * 3600 * 1000)
         shoppers = min(config.shoppers, 200) if config.quick else config.shoppers
@@ -200,16 +260,107 @@ class Demo:
                 seed=config.seed,
             )
         )
-        self.split = parse_split(config.policies, SPLIT_SALT)
+        self.split = parse_split(policies, SPLIT_SALT)
+        self.registry = CollectorRegistry()  # the demo's own metrics
+        self.metrics = DemoMetrics(self.registry)
+        self.windows: list[Window] = []
+        num_items = self.sim.config.num_items
+        self.exposure: defaultdict[str, np.ndarray] = defaultdict(lambda: np.zeros((num_items,), np.int64))
+        self.organic_views = np.zeros((num_items,), np.int64)  # (num_items,) popularity of the catalogue
+        self.labels: Counter[str] = Counter()  # recommendations by the policy label they carry
+        self.groups: dict[str, str] = {}
+        self.events_total = 0
+        self.started_wall = time.monotonic()
+
+    def start(self) -> None:
+        """Bring the services up (they are ready when this returns)."""
+
+    def run(self, on_window: Any = None) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop the services cleanly once the run is over (they publish what they learned last)."""
+
+    def close(self) -> None:
+        """Release everything, also after a failure."""
+
+    def service_numbers(self) -> ServiceNumbers:
+        raise NotImplementedError
+
+    def run_details(self) -> dict[str, Any]:
+        """How the services ran, for the summary."""
+        return {"mode": "in-process"}
+
+    def learner_totals(self) -> LearnerTotals:
+        raise NotImplementedError
+
+    def group_of(self, user_id: str) -> str:
+        """The A/B group of a shopper (the policy the split assigns, whatever label it is served with)."""
+        group = self.groups.get(user_id)
+        if group is None:
+            group = self.groups[user_id] = self.split.policy_for(user_id)
+        return group
+
+    def _send(self, events: list[ClickEvent], window: Window) -> None:
+        for event in events:
+            self.producer.send(self.clickstream_topic, event.user_id.encode(), encode(event))
+            group = self.group_of(event.user_id)
+            window.sessions[group].add(event.session_id)
+            if event.rec_id is not None:
+                window.reward[group] += REWARD_WEIGHTS.get(event.event_type, 0.0)
+                window.purchases[group] += event.event_type == "purchase"
+            elif event.event_type == "view" and event.item_id is not None:
+                index = self.sim.item_index(event.item_id)
+                if index is not None:
+                    self.organic_views[index] += 1
+        self.events_total += len(events)
+
+    def _show(self, records: Iterable[Record], now_ms: int, window: Window) -> None:
+        """Show each recommendation to its shopper and send the reaction to the clickstream."""
+        for record in records:
+            rec = RECOMMENDATIONS.decode(record.value)
+            if not isinstance(rec, Recommendation):
+                continue
+            group = self.group_of(rec.user_id)
+            window.recommendations[group] += 1
+            self.labels[rec.policy] += 1
+            exposure = self.exposure[group]
+            for item in rec.items:
+                index = self.sim.item_index(item.item_id)
+                if index is not None:
+                    exposure[index] += 1
+            response = self.sim.respond(rec, now_ms)
+            if any(e.event_type == "click" for e in response):
+                window.clicks[group] += 1
+            self._send(response, window)
+
+    def _close(self, window: Window, now: int, start: int) -> None:
+        window.minute = (now - start) / 60_000
+        window.events = self.events_total
+        numbers = self.service_numbers()
+        window.transitions = numbers.transitions
+        window.updates = numbers.updates
+        window.model_version = numbers.model_version
+        window.loss = numbers.loss if numbers.updates else None
+        window.explored_share = numbers.explored_share
+        self.windows.append(window)
+        self.metrics.update(policy_results(self))
+
+
+class Demo(ClosedLoop):
+    """The shop wired to the services, all in this process, on one clock (reproducible for a seed)."""
+
+    def __init__(self, config: DemoConfig, bus: Bus, workdir: Path) -> None:
+        super().__init__(config, config.policies)
+        self.bus = bus
         suffix = "" if config.bootstrap_servers == "embedded" else f"-{uuid.uuid4().hex[:6]}"
         ensure_topics(bus, 4)
         bus.create_topics([model_topic_spec(BANDIT_MODEL), model_topic_spec(TABULAR_MODEL)])
         common: dict[str, Any] = {"bootstrap_servers": config.bootstrap_servers, "create_topics": False}
         self.registries = {
-            name: CollectorRegistry()
-            for name in ("state_builder", "actor", "learner", "bandit", "tabular", "demo")
+            name: CollectorRegistry() for name in ("state_builder", "actor", "learner", "bandit", "tabular")
         }
-        self.metrics = DemoMetrics(self.registries["demo"])
+        self.registries["demo"] = self.registry
         self.builder = StateBuilder(
             StateBuilderConfig(group_id=f"qrec-state-builder{suffix}", **common),
             bus,
@@ -232,29 +383,12 @@ class Demo:
 
         def learner(name: str, gamma: float, model_topic: str) -> Learner:
             return Learner(
-                LearnerServiceConfig(
+                learner_config(
+                    config,
+                    gamma=gamma,
                     group_id=f"qrec-{name}{suffix}",
                     model_topic=model_topic,
                     checkpoint_dir=str(workdir / name),
-                    vocabulary_capacity=config.items + 500,
-                    embed_dim=32,
-                    hidden_sizes="128,128",
-                    batch_size=128,
-                    updates_per_call=8,
-                    min_replay_size=500,
-                    replay_ratio=config.replay_ratio,
-                    publish_every_steps=200,
-                    publish_every_seconds=1e9,
-                    replay_capacity=50_000,
-                    gamma=gamma,
-                    learning_rate=config.learning_rate,
-                    target_update_period=config.target_update_period,
-                    sqn_weight=config.sqn_weight,
-                    sources=config.learn_from,
-                    # Q sums discounted rewards, about 1 / (1 - gamma) steps' worth: in per-step units the
-                    # DQN's and the bandit's values weigh alike against the next-item logit.
-                    serve_q_weight=config.serve_q_weight * (1.0 - gamma),
-                    serve_next_item_weight=config.serve_next_item_weight,
                     **common,
                 ),
                 bus,
@@ -269,12 +403,7 @@ class Demo:
         )
         self.tabular = (
             TabularLearner(
-                TabularLearnerConfig(
-                    model_topic=self.actor.config.tabular_model_topic,
-                    epsilon=config.epsilon,
-                    publish_every_transitions=1000,
-                    **common,
-                ),
+                tabular_config(config, model_topic=self.actor.config.tabular_model_topic, **common),
                 bus,
                 self.registries["tabular"],
             )
@@ -295,39 +424,30 @@ class Demo:
         ]
         self.recs.assign(parts)
         self.recs.seek_to_end(parts)
-        self.windows: list[Window] = []
-        num_items = self.sim.config.num_items
-        self.exposure: defaultdict[str, np.ndarray] = defaultdict(lambda: np.zeros((num_items,), np.int64))
-        self.organic_views = np.zeros((num_items,), np.int64)  # (num_items,) popularity of the catalogue
-        self.labels: Counter[str] = Counter()  # recommendations by the policy label they carry
-        self.groups: dict[str, str] = {}
-        self.events_total = 0
-        self.started_wall = time.monotonic()
-
-    def group_of(self, user_id: str) -> str:
-        """The A/B group of a shopper (the policy the split assigns, whatever label it is served with)."""
-        group = self.groups.get(user_id)
-        if group is None:
-            group = self.groups[user_id] = self.split.policy_for(user_id)
-        return group
 
     def _oracle(self, state: UserState, blocked: list[str], k: int) -> list[str]:
         """The oracle policy: the simulator's myopic best slate for the shopper right now."""
         return self.sim.oracle_slate(state.user_id, k, state.timestamp, exclude=blocked)
 
-    def _send(self, events: list[ClickEvent], window: Window) -> None:
-        for event in events:
-            self.producer.send(CLICKSTREAM, event.user_id.encode(), encode(event))
-            group = self.group_of(event.user_id)
-            window.sessions[group].add(event.session_id)
-            if event.rec_id is not None:
-                window.reward[group] += REWARD_WEIGHTS.get(event.event_type, 0.0)
-                window.purchases[group] += event.event_type == "purchase"
-            elif event.event_type == "view" and event.item_id is not None:
-                index = self.sim.item_index(event.item_id)
-                if index is not None:
-                    self.organic_views[index] += 1
-        self.events_total += len(events)
+    def service_numbers(self) -> ServiceNumbers:
+        learner = self.registries["learner"]
+        slots = _value(self.registries["actor"], "qrec_actor_slots_total")
+        explored = _value(self.registries["actor"], "qrec_actor_explored_slots_total")
+        return ServiceNumbers(
+            transitions=int(_value(learner, "qrec_learner_transitions_total")),
+            updates=int(_value(learner, "qrec_learner_updates_total")),
+            model_version=self.learner.version,
+            loss=_value(learner, "qrec_learner_loss"),
+            explored_share=explored / slots if slots else None,
+        )
+
+    def learner_totals(self) -> LearnerTotals:
+        return LearnerTotals(
+            model_version=self.learner.version,
+            updates=self.learner.trainer.step,
+            bandit_updates=self.bandit.trainer.step if self.bandit is not None else 0,
+            tabular_updates=self.tabular.learned if self.tabular is not None else 0,
+        )
 
     def _pump(self) -> None:
         """Let every service drain what is waiting (bounded, so a tick always ends)."""
@@ -338,24 +458,6 @@ class Demo:
         for learner in (self.learner, self.bandit, self.tabular):
             if learner is not None:
                 learner.poll_once(timeout_s=0.0)
-
-    def _show_recommendations(self, now_ms: int, window: Window) -> None:
-        for record in self.recs.poll(max_records=10_000, timeout_s=0.0):
-            rec = RECOMMENDATIONS.decode(record.value)
-            if not isinstance(rec, Recommendation):
-                continue
-            group = self.group_of(rec.user_id)
-            window.recommendations[group] += 1
-            self.labels[rec.policy] += 1
-            exposure = self.exposure[group]
-            for item in rec.items:
-                index = self.sim.item_index(item.item_id)
-                if index is not None:
-                    exposure[index] += 1
-            response = self.sim.respond(rec, now_ms)
-            if any(e.event_type == "click" for e in response):
-                window.clicks[group] += 1
-            self._send(response, window)
 
     def run(self, on_window: Any = None) -> None:
         start = self.sim.config.start_time_ms
@@ -369,7 +471,7 @@ class Demo:
             self._send(self.sim.advance(now), window)
             self.producer.flush()
             self._pump()
-            self._show_recommendations(now, window)
+            self._show(self.recs.poll(max_records=10_000, timeout_s=0.0), now, window)
             self.producer.flush()
             self._pump()
             if now >= next_report or now >= start + self.duration_ms:
@@ -378,23 +480,11 @@ class Demo:
                     on_window(self)
                 window = Window(minute=(now - start) / 60_000)
                 next_report += every
+
+    def stop(self) -> None:
         for learner in (self.learner, self.bandit):
             if learner is not None and learner.trainer.step > learner.last_publish_step:
                 learner.publish()
-
-    def _close(self, window: Window, now: int, start: int) -> None:
-        window.minute = (now - start) / 60_000
-        window.events = self.events_total
-        window.transitions = int(_value(self.registries["learner"], "qrec_learner_transitions_total"))
-        window.updates = int(_value(self.registries["learner"], "qrec_learner_updates_total"))
-        window.model_version = self.learner.version
-        loss = _value(self.registries["learner"], "qrec_learner_loss")
-        window.loss = loss if window.updates else None
-        slots = _value(self.registries["actor"], "qrec_actor_slots_total")
-        explored = _value(self.registries["actor"], "qrec_actor_explored_slots_total")
-        window.explored_share = explored / slots if slots else None
-        self.windows.append(window)
-        self.metrics.update(policy_results(self))
 
     def close(self) -> None:
         self.producer.flush()
@@ -404,11 +494,42 @@ class Demo:
                 service.close()
 
 
+def learner_config(config: DemoConfig, *, gamma: float, **overrides: Any) -> LearnerServiceConfig:
+    """The settings of the demo's DQN learner (gamma = config.gamma) or its bandit (gamma 0)."""
+    return LearnerServiceConfig(
+        vocabulary_capacity=config.items + 500,
+        embed_dim=32,
+        hidden_sizes="128,128",
+        batch_size=128,
+        updates_per_call=8,
+        min_replay_size=500,
+        replay_ratio=config.replay_ratio,
+        publish_every_steps=200,
+        publish_every_seconds=1e9,
+        replay_capacity=50_000,
+        gamma=gamma,
+        learning_rate=config.learning_rate,
+        target_update_period=config.target_update_period,
+        sqn_weight=config.sqn_weight,
+        sources=config.learn_from,
+        # Q sums discounted rewards, about 1 / (1 - gamma) steps' worth: in per-step units the
+        # DQN's and the bandit's values weigh alike against the next-item logit.
+        serve_q_weight=config.serve_q_weight * (1.0 - gamma),
+        serve_next_item_weight=config.serve_next_item_weight,
+        **overrides,
+    )
+
+
+def tabular_config(config: DemoConfig, **overrides: Any) -> TabularLearnerConfig:
+    """The settings of the demo's tabular Q-learner."""
+    return TabularLearnerConfig(epsilon=config.epsilon, publish_every_transitions=1000, **overrides)
+
+
 def _value(registry: CollectorRegistry, name: str) -> float:
     return registry.get_sample_value(name) or 0.0
 
 
-def late_windows(demo: Demo) -> list[Window]:
+def late_windows(demo: ClosedLoop) -> list[Window]:
     """The late phase: the second half of the report windows (all of them when there is one)."""
     return demo.windows[len(demo.windows) // 2 :]
 
@@ -432,7 +553,7 @@ def _results(windows: Iterable[Window], groups: Iterable[str]) -> dict[str, dict
     return results
 
 
-def policy_results(demo: Demo) -> dict[str, dict[str, Any]]:
+def policy_results(demo: ClosedLoop) -> dict[str, dict[str, Any]]:
     """Per policy group: late-phase ctr, conversion, reward per session, sessions, and exposure."""
     results: dict[str, dict[str, Any]] = dict(_results(late_windows(demo), demo.split.names))
     catalogue = demo.sim.catalogue
@@ -443,7 +564,7 @@ def policy_results(demo: Demo) -> dict[str, dict[str, Any]]:
     return results
 
 
-def summary(demo: Demo) -> dict[str, Any]:
+def summary(demo: ClosedLoop) -> dict[str, Any]:
     """The numbers a report shows, as plain data (the ``--json`` output)."""
     policies = policy_results(demo)
     whole_run = _results(demo.windows, demo.split.names)
@@ -463,10 +584,8 @@ def summary(demo: Demo) -> dict[str, Any]:
         "late_phase_from_minute": late[0].minute - demo.config.report_every_minutes if late else 0.0,
         "events": demo.events_total,
         "wall_seconds": round(time.monotonic() - demo.started_wall, 1),
-        "model_version": demo.learner.version,
-        "updates": demo.learner.trainer.step,
-        "bandit_updates": demo.bandit.trainer.step if demo.bandit is not None else 0,
-        "tabular_updates": demo.tabular.learned if demo.tabular is not None else 0,
+        **asdict(demo.learner_totals()),
+        "run": demo.run_details(),
         "policies": policies,
         "reward_per_session_ratio": comparison,
         "whole_run": whole_run,
@@ -485,6 +604,8 @@ def summary(demo: Demo) -> dict[str, Any]:
                 "model_version": w.model_version,
                 "loss": w.loss,
                 "explored_share": w.explored_share,
+                "events": w.events,
+                "transitions": w.transitions,
                 "updates": w.updates,
             }
             for w in demo.windows
@@ -492,7 +613,7 @@ def summary(demo: Demo) -> dict[str, Any]:
     }
 
 
-def live_table(demo: Demo) -> Table:
+def live_table(demo: ClosedLoop) -> Table:
     """The live view: throughput, model and per-policy results of the late phase so far."""
     elapsed = max(1e-9, time.monotonic() - demo.started_wall)
     last = demo.windows[-1] if demo.windows else Window(minute=0)
@@ -531,7 +652,7 @@ def live_table(demo: Demo) -> Table:
     return outer
 
 
-def write_report(demo: Demo, out: Path) -> dict[str, Any]:
+def write_report(demo: ClosedLoop, out: Path) -> dict[str, Any]:
     """summary.json, the PNG plots and a self-contained report.html in ``out``."""
     import matplotlib
 
@@ -627,6 +748,15 @@ def write_report(demo: Demo, out: Path) -> dict[str, Any]:
         for name, value in data["reward_per_session_ratio"].items()
         if value is not None
     )
+    run = data["run"]
+    how = (
+        "The state-builder, the actor and the learners ran in this process, on one simulated clock."
+        if run["mode"] == "in-process"
+        else "Each service ran as its own OS process on Kafka ("
+        + ", ".join(f"{name} pid {p['pid']}" for name, p in run["processes"].items())
+        + f"), the shop's clock at {run['speed']:g} times the wall clock; there is no oracle group, "
+        "since only the simulator knows the shoppers' true preferences."
+    )
     html = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>qrec demo report</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:900px;margin:2em auto;color:#222}}
@@ -638,7 +768,8 @@ updates, model version {data["model_version"]}, {data["wall_seconds"]} s of wall
 between policies by a stable hash of their id, so every policy faces the same simulated population, and
 every learner learns from every group's transitions. Numbers are from the late phase (from simulated
 minute {data["late_phase_from_minute"]:.0f}): reward counts what recommendations earned in a session
-(click 1, favorite 2, add to cart 3, purchase 10, later purchases of carted items included).</p>
+(click 1, favorite 2, add to cart 3, purchase 10, later purchases of carted items included).
+{how}</p>
 <p>DQN reward per session relative to the others: {ratios or "n/a"}.</p>
 <table><tr><th>policy</th><th>sessions</th><th>recommendations</th><th>CTR</th><th>conversion</th>
 <th>reward / session</th></tr>{rows}</table>
@@ -663,20 +794,40 @@ def run_demo(config: DemoConfig, console: Console) -> dict[str, Any]:
         # Compiling the learners' and the actor's programs is most of a short run's time.
         jax.config.update("jax_compilation_cache_dir", str(Path(config.compile_cache).resolve()))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    bus = make_bus(config)
     quiet = config.json
     if quiet:
         console = Console(file=sys.stderr, quiet=True)
-    with tempfile.TemporaryDirectory(prefix="qrec-demo-") as workdir:
-        console.print(
-            f"qrec demo on {'the embedded bus' if config.bootstrap_servers == 'embedded' else 'Kafka'}: "
-            "starting the state-builder, learners and actor (compiling the models takes a moment) ..."
-        )
-        demo = Demo(config, bus, Path(workdir))
+    where = "the embedded bus" if config.bootstrap_servers == "embedded" else "Kafka"
+    with tempfile.TemporaryDirectory(prefix="qrec-demo-") as workdir, contextlib.ExitStack() as cleanup:
+        if config.bootstrap_servers == LOCAL_KAFKA:
+            from services.local_kafka import LocalKafka
+
+            console.print("starting Apache Kafka from deploy/kafka (the first start fetches the jars) ...")
+            kafka = LocalKafka(Path(workdir) / "kafka", owner_pid=os.getpid()).start()
+            cleanup.callback(kafka.stop)
+            config = replace(config, bootstrap_servers=kafka.bootstrap_servers)
+            console.print(f"Kafka is up at {kafka.bootstrap_servers}")
+        bus = make_bus(config)
+        demo: ClosedLoop
+        if config.processes:
+            from services.demo_processes import ProcessDemo
+
+            console.print(
+                f"qrec demo on {where}: starting the state-builder, actor and learners as separate "
+                f"processes (logs in {Path(config.out) / 'logs'}; compiling the models takes a moment) ..."
+            )
+            demo = ProcessDemo(config, bus, Path(workdir), say=console.print)
+        else:
+            console.print(
+                f"qrec demo on {where}: starting the state-builder, learners and actor "
+                "(compiling the models takes a moment) ..."
+            )
+            demo = Demo(config, bus, Path(workdir))
         if config.metrics_port is not None:
-            server = serve_metrics(demo.registries["demo"], config.metrics_port, config.metrics_host)
+            server = serve_metrics(demo.registry, config.metrics_port, config.metrics_host)
             console.print(f"metrics: {server.url}")
         try:
+            demo.start()
             if config.live and console.is_terminal and not quiet:
                 with Live(live_table(demo), console=console, refresh_per_second=4) as live:
                     demo.run(lambda d: live.update(Group(live_table(d))))
@@ -684,9 +835,10 @@ def run_demo(config: DemoConfig, console: Console) -> dict[str, Any]:
                 demo.run(
                     lambda d: console.print(
                         f"simulated {d.windows[-1].minute / 60:.1f} h: {d.events_total:,} events, "
-                        f"model v{d.learner.version}, updates {d.learner.trainer.step:,}"
+                        f"model v{d.windows[-1].model_version}, updates {d.windows[-1].updates:,}"
                     )
                 )
+            demo.stop()
             data = summary(demo) if quiet else write_report(demo, Path(config.out))
         finally:
             demo.close()

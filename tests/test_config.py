@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from services.config import BusConfig, ConfigError, load_config
+from services.config import BusConfig, ConfigError, add_arguments, config_args, config_from_args, load_config
 from services.replay.config import RecordConfig, ReplayConfig
 
 
@@ -84,3 +86,25 @@ def test_security_settings_pass_through_to_the_kafka_client() -> None:
     assert client["sasl_plain_username"] == "qrec" and client["sasl_plain_password"] == "secret"
     assert client["ssl_cafile"] == "/etc/ca.pem"
     assert client["bootstrap_servers"] == ["broker:9093"]
+
+
+def test_config_args_rebuild_the_config_in_another_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.actor.config import ActorConfig
+    from services.learner.config import LearnerServiceConfig
+
+    monkeypatch.setenv("QREC_EPSILON", "0.5")  # the child's environment cannot change what the parent chose
+    originals = [
+        LearnerServiceConfig(
+            gamma=0.0, hidden_sizes="128,128", double_dqn=False, publish_every_seconds=1e9, metrics_port=9100
+        ),
+        ActorConfig(epsilon=0.1, catalogue_topic=None, sasl_plain_password="secret", policies="dqn=1"),
+    ]
+    for original in originals:
+        args = config_args(original)
+        assert "secret" not in args and "--sasl-plain-password" not in args
+        parser = argparse.ArgumentParser()
+        add_arguments(parser, type(original))
+        rebuilt = config_from_args(type(original), parser.parse_args(args))
+        assert rebuilt == dataclasses.replace(original, sasl_plain_password=None)
+    assert config_args(originals[0])[config_args(originals[0]).index("--gamma") + 1] == "0.0"
+    assert "--no-double-dqn" in config_args(originals[0])
