@@ -38,9 +38,9 @@ demo: $(STAMP)
 	$(BIN)/qrec demo
 
 # The demo as deployed: a Kafka broker from deploy/kafka, the state-builder, the actor and the three
-# learners each as its own OS process; the shop's clock runs 60x the wall clock (3 hours in 3 minutes).
+# learners each as its own OS process; the shop's clock runs 20x the wall clock (1.5 hours in 4.5 minutes).
 demo-processes: $(STAMP) kafka-jars
-	$(BIN)/qrec demo --processes --bootstrap-servers local
+	$(BIN)/qrec demo --processes --bootstrap-servers local --hours 1.5
 
 # A local deployment: Kafka, 2 state-builders, the learner, 2 actors, simulated shoppers at 10x real
 # time and Prometheus on :9090; logs and deployment.json in qrec-run/. Ctrl-C stops it in order.
