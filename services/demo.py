@@ -79,7 +79,7 @@ class DemoConfig(BusConfig):
 
     hours: float = setting(3.0, help="simulated shop hours to run")
     quick: bool = setting(False, help="a short run (--quick-hours, fewer shoppers): under a minute")
-    quick_hours: float = setting(1.0, help="simulated hours of a --quick run")
+    quick_hours: float = setting(0.75, help="simulated hours of a --quick run")
     json: bool = setting(False, help="print only the summary JSON on stdout (no live view, no report)")
     shoppers: int = setting(300, help="simulated shoppers")
     items: int = setting(300, help="items in the simulated catalogue")

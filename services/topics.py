@@ -14,6 +14,10 @@ DEAD_LETTER = "qrec.dead-letter.v1"
 # --catalogue-topic.
 CATALOGUE = "qrec.catalogue.v1"
 
+SOURCE_HEADER = "qrec-source"
+"""Header of a transition record naming its source (logged, recommendation), so a learner that does not
+learn from that source skips the record without decoding it. Optional: records without it are decoded."""
+
 # Model chunks are up to 1 MiB of base64; give the model topic head-room above Kafka's ~1 MB default.
 MODEL_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 

@@ -25,6 +25,7 @@ from services.learner.config import LearnerServiceConfig, parse_sources
 from services.learner.service import Learner
 from services.learner.trainer import Trainer, load_bundle, serving_params
 from services.state_builder.step import FEATURE_DIM
+from services.topics import SOURCE_HEADER
 
 GROUPS = {"dqn", "popularity", "bandit", "tabular_q", "random", "oracle"}
 PER_POLICY = {"ctr", "conversion", "reward_per_session", "sessions"}
@@ -216,17 +217,39 @@ def test_learner_learns_only_from_its_sources(tmp_path: Path) -> None:
         ("logged:3", "logged"),
     ]:
         producer.send(config.transitions_topic, b"u1", encode(_transition(tid, source)))
+    # The source header skips a record undecoded (this value is not even JSON); an unknown name in it
+    # is ignored and the record decoded, and a header naming a learned source is decoded too.
+    producer.send(config.transitions_topic, b"u1", b"not json", headers=((SOURCE_HEADER, b"recommendation"),))
+    producer.send(
+        config.transitions_topic,
+        b"u1",
+        encode(_transition("logged:4", "logged")),
+        headers=((SOURCE_HEADER, b"mystery"),),
+    )
+    producer.send(
+        config.transitions_topic,
+        b"u1",
+        encode(_transition("logged:5", "logged")),
+        headers=((SOURCE_HEADER, b"logged"),),
+    )
     producer.flush()
     while learner.poll_once(timeout_s=0.01):
         pass
-    assert learner.learned == 3 and len(learner.trainer.buffer) == 3
+    assert learner.learned == 5 and len(learner.trainer.buffer) == 5
     assert (
         registry.get_sample_value(
             "qrec_learner_skipped_source_transitions_total", {"source": "recommendation"}
         )
-        == 2
+        == 3
     )
-    assert registry.get_sample_value("qrec_learner_transitions_total") == 3
+    assert registry.get_sample_value("qrec_learner_transitions_total") == 5
+    dead_letters = [
+        sample.value
+        for family in registry.collect()
+        for sample in family.samples
+        if sample.name == "qrec_dead_letters_total"
+    ]
+    assert sum(dead_letters) == 0, "the skipped record was never decoded"
     learner.close()
 
 

@@ -27,12 +27,13 @@ from schemas.codec import TRANSITIONS, DecodeError
 from schemas.messages import Transition
 from services.bus.base import Bus, Consumer, Record, TopicPartition
 from services.dead_letter import DeadLetterSink, dead_letter
-from services.learner.config import LearnerServiceConfig, ModelSettings
+from services.learner.config import TRANSITION_SOURCES, LearnerServiceConfig, ModelSettings
 from services.learner.trainer import MODEL_ENCODING, Trainer
 from services.metrics import ProcessMetrics
 from services.model_topic import publish_model
 from services.replay.service import ensure_topics
 from services.state_builder.step import FEATURE_DIM
+from services.topics import SOURCE_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +289,8 @@ class Learner:
                 if record.offset >= self.offsets.get(tp, 0):
                     remaining.discard(tp)
                     continue
+                if self._other_source(record) is not None:
+                    continue
                 message = TRANSITIONS.decode(record.value)
                 if isinstance(message, Transition) and message.source in self.sources:
                     batch.append(message)
@@ -356,9 +359,23 @@ class Learner:
         log.info("published model version %d (step %d, %d bytes)", self.version, self.trainer.step, sent)
 
     # -- the loop ---------------------------------------------------------------------------------
+    def _other_source(self, record: Record) -> str | None:
+        """The source a record's header names when the learner does not learn from it, else None."""
+        for key, value in record.headers:
+            if key == SOURCE_HEADER:
+                source = value.decode("utf-8", "replace")
+                # An unknown name is decoded like a record without the header (and checked there).
+                return source if source in TRANSITION_SOURCES and source not in self.sources else None
+        return None
+
     def _decode(self, records: list[Record]) -> list[Transition]:
+        """The transitions of the records, those of other sources (by header) skipped undecoded."""
         transitions = []
         for record in records:
+            skipped = self._other_source(record)
+            if skipped is not None:
+                self.metrics.skipped_sources.labels(skipped).inc()
+                continue
             message = TRANSITIONS.decode(record.value)
             if isinstance(message, DecodeError):
                 self.dead_letters.send(

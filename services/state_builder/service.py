@@ -33,6 +33,7 @@ from services.replay.service import ensure_topics
 from services.state_builder.config import StateBuilderConfig, parse_weights
 from services.state_builder.partition import Emitted, PartitionState
 from services.state_builder.step import StepParams, decode_record, encode_record
+from services.topics import SOURCE_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +315,7 @@ class StateBuilder:
                 self.config.transitions_topic,
                 transition.user_id.encode(),
                 encode(transition),
-                headers=(SCHEMA_HEADERS["transition"],),
+                headers=(SCHEMA_HEADERS["transition"], (SOURCE_HEADER, transition.source.encode())),
                 partition=number,
             )
             self.metrics.transitions.labels(transition.source).inc()
