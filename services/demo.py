@@ -628,8 +628,8 @@ def live_table(demo: ClosedLoop) -> Table:
     head.add_row(
         f"simulated {last.minute / 60:.1f} h",
         f"events {demo.events_total:,} ({demo.events_total / elapsed:,.0f}/s)",
-        f"transitions {last.transitions:,}",
-        f"updates {last.updates:,}",
+        f"transitions {last.transitions:,} ({last.transitions / elapsed:,.0f}/s)",
+        f"updates {last.updates:,} ({last.updates / elapsed:,.1f}/s)",
         f"model v{last.model_version}",
     )
     table = Table(title="policies on the same simulated shoppers (late phase so far)")
