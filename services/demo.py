@@ -69,6 +69,8 @@ DEFAULT_POLICIES = "dqn=0.2,bandit=0.16,tabular_q=0.16,popularity=0.16,random=0.
 DEFAULT_PROCESS_POLICIES = "dqn=0.2,bandit=0.2,tabular_q=0.2,popularity=0.2,random=0.2"
 SPLIT_SALT = "qrec-ab-1"
 LOCAL_KAFKA = "local"
+LIVE_WINDOWS = 9
+"""Report windows whose reward per session the live view draws per policy (the latest ones)."""
 """--bootstrap-servers value that starts a Kafka broker from deploy/kafka for the run (with --processes)."""
 
 
@@ -643,6 +645,13 @@ def live_table(demo: ClosedLoop) -> Table:
         "coverage",
     ):
         table.add_column(column, justify="right" if column != "policy" else "left")
+    table.add_column("reward trend", justify="left", no_wrap=True)  # per report window, oldest first
+    recent = demo.windows[-LIVE_WINDOWS:]
+    per_window = {
+        policy: [w.reward[policy] / len(w.sessions[policy]) if w.sessions[policy] else None for w in recent]
+        for policy in demo.split.names
+    }
+    top = max((v for values in per_window.values() for v in values if v is not None), default=0.0)
     for policy, numbers in policy_results(demo).items():
         table.add_row(
             policy,
@@ -652,11 +661,20 @@ def live_table(demo: ClosedLoop) -> Table:
             f"{numbers['conversion']:.2%}",
             f"{numbers['reward_per_session']:.2f}",
             f"{numbers['coverage']:.1%}",
+            sparkline(per_window.get(policy, []), top),
         )
     outer = Table.grid()
     outer.add_row(head)
     outer.add_row(table)
     return outer
+
+
+def sparkline(values: list[float | None], top: float) -> str:
+    """One block character per value, its height relative to ``top`` (a space where there is none)."""
+    blocks = "▁▂▃▄▅▆▇█"
+    return "".join(
+        " " if v is None else blocks[min(7, round(v / top * 7))] if top > 0 else blocks[0] for v in values
+    )
 
 
 def write_report(demo: ClosedLoop, out: Path) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from schemas.codec import encode
 from schemas.messages import Observation, Transition
 from services.bus.embedded import EmbeddedBus
 from services.config import ConfigError
-from services.demo import DemoConfig, DemoMetrics, run_demo
+from services.demo import DemoConfig, DemoMetrics, run_demo, sparkline
 from services.learner.config import LearnerServiceConfig, parse_sources
 from services.learner.service import Learner
 from services.learner.trainer import Trainer, load_bundle, serving_params
@@ -287,3 +287,9 @@ def test_demo_rejects_learner_settings_that_cannot_work() -> None:
         sqn_weight=0.0, serve_q_weight=1.0, serve_next_item_weight=0.0, learn_from="logged,recommendation"
     )
     assert parse_sources(config.learn_from) == {"logged", "recommendation"}
+
+
+def test_sparkline_draws_each_window_against_the_highest() -> None:
+    assert sparkline([0.0, 1.0, None, 2.0], 2.0) == "▁▅ █"
+    assert sparkline([0.0, None], 0.0) == "▁ "
+    assert sparkline([], 1.0) == ""
