@@ -387,6 +387,8 @@ class ProcessDemo(ClosedLoop):
                     popen.kill()
                     process.exit_code = popen.wait()
         if self.recs is not None:
-            self.producer.flush()
             self.recs.close()
-            self.producer.close()
+        producer = getattr(self, "producer", None)
+        if producer is not None:
+            producer.flush()
+            producer.close()
