@@ -14,6 +14,8 @@ for an item whose embedding never trained. So every window slot also gets a lear
 event type, age, copies in the window and the state. For Q it is added to the item's score (a bonus
 on top of what the item embedding knows); for the next-item logits it replaces the item's logit, as
 RepeatNet's repeat mode scores window items apart from its explore mode, which scores the rest.
+With `repeat_mode="mixture"` the next-item head is RepeatNet's whole model: a learned P(repeat | s)
+weighs a softmax over the window against a softmax over every other item.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ ITEM_EMBEDDING_PATH = ("params", "item_embedding", "embedding")
 ACTION_BIAS_PATH = ("params", "action_bias")
 NEXT_ITEM_BIAS_PATH = ("params", "next_item_bias")
 ACTION_ROW_PATHS = (ITEM_EMBEDDING_PATH, ACTION_BIAS_PATH, NEXT_ITEM_BIAS_PATH)
+REPEAT_MODES = ("replace", "mixture")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,6 +59,10 @@ class NetworkConfig:
     """Add a learned score to each item in the recent window (a copy mechanism; see the module)."""
     repeat_hidden: int = 32
     """Hidden width of the repeat head's per-slot scorer."""
+    repeat_mode: str = "replace"
+    """How the repeat head enters the next-item logits: 'replace' (a window item's logit is its repeat
+    score) or 'mixture' (RepeatNet's two modes: P(repeat | s) times a softmax over the window, plus
+    P(explore | s) times a softmax over the other items)."""
 
     def __post_init__(self) -> None:
         if self.num_actions < 1:
@@ -68,6 +75,8 @@ class NetworkConfig:
             raise ValueError(f"num_event_types must be >= 1, got {self.num_event_types}")
         if self.repeat_hidden < 1:
             raise ValueError(f"repeat_hidden must be >= 1, got {self.repeat_hidden}")
+        if self.repeat_mode not in REPEAT_MODES:
+            raise ValueError(f"repeat_mode must be one of {REPEAT_MODES}, got {self.repeat_mode!r}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> NetworkConfig:
@@ -111,6 +120,8 @@ class QNetwork(nn.Module):
             # Two scores per slot: one added to Q, one to the next-item logits. Zero at the start,
             # so a fresh network scores exactly as it would without the head.
             self.repeat_out = nn.Dense(2, kernel_init=nn.initializers.zeros)
+            if config.next_item_head and config.repeat_mode == "mixture":
+                self.repeat_mode_logit = nn.Dense(1)  # log-odds of P(repeat | s) over P(explore | s)
 
     def _encode(self, obs: ObsBatch) -> tuple[jax.Array, jax.Array | None]:
         """The state encoding (B, H) and what the window's events were (type, gap) apart from their
@@ -226,11 +237,14 @@ class QNetwork(nn.Module):
         projected = self.next_item_projection(hidden)  # (B, E)
         logits = self.item_embedding.attend(projected) + self.next_item_bias  # (B, A)
         repeat = self._repeat_scores(obs, hidden, context)
-        if repeat is not None:
-            # RepeatNet's split: a window item's chance of coming next is judged by the repeat head
-            # alone, so the item-embedding noise of barely trained items cannot reorder the window.
-            logits = replace_at_items(logits, obs.items, repeat[..., 1])
-        return logits
+        if repeat is None:
+            return logits
+        if self.config.repeat_mode == "mixture":
+            mode = self.repeat_mode_logit(hidden)[:, 0]  # (B,)
+            return repeat_explore_log_probs(logits, obs.items, repeat[..., 1], mode)
+        # RepeatNet's split: a window item's chance of coming next is judged by the repeat head
+        # alone, so the item-embedding noise of barely trained items cannot reorder the window.
+        return replace_at_items(logits, obs.items, repeat[..., 1])
 
     def q_for_actions_and_next_item_logits(
         self, obs: ObsBatch, actions: jax.Array
@@ -275,6 +289,42 @@ def replace_at_items(scores: jax.Array, items: jax.Array, repeat: jax.Array) -> 
     cols = jnp.where(items >= FIRST_ITEM_INDEX, items, scores.shape[1])
     cleared = scores.at[rows, cols].set(-jnp.inf, mode="drop")
     return cleared.at[rows, cols].max(repeat, mode="drop")
+
+
+def repeat_explore_log_probs(
+    explore: jax.Array, items: jax.Array, repeat: jax.Array, mode: jax.Array
+) -> jax.Array:
+    """log P(a | s) (B, A) of RepeatNet's two modes (Ren et al., AAAI 2019).
+
+    P(a) = sigmoid(mode) * softmax over the window slots of `repeat`, summed over a's slots, for a
+    window item; sigmoid(-mode) * softmax of `explore` over the items outside the window for the
+    rest. Which mode is right is one number per state, so the explore scores of items seen in a
+    few training sessions never compete with the window items directly. A state without a known
+    window item puts all its mass on exploring. explore (B, A), items and repeat (B, W), mode (B,).
+    """
+    assert items.shape == repeat.shape and explore.shape[0] == items.shape[0] == mode.shape[0], (
+        explore.shape,
+        items.shape,
+        mode.shape,
+    )
+    batch_size, num_actions = explore.shape
+    rows = jnp.arange(batch_size)[:, None]  # (B, 1)
+    known = items >= FIRST_ITEM_INDEX  # (B, W)
+    cols = jnp.where(known, items, num_actions)  # unknown slots scatter out of range and are dropped
+    # A finite floor rather than -inf: a row with no known slot stays finite, and so do its gradients.
+    slot_log_probs = jax.nn.log_softmax(jnp.where(known, repeat, -1e30), axis=1)  # (B, W)
+    slot_probs = jnp.where(known, jnp.exp(slot_log_probs), 0.0)  # (B, W)
+    window_probs = jnp.zeros_like(explore).at[rows, cols].add(slot_probs, mode="drop")  # (B, A)
+    in_window = jnp.zeros(explore.shape, bool).at[rows, cols].set(True, mode="drop")  # (B, A)
+    any_known = known.any(axis=1)  # (B,)
+    log_repeat = jnp.where(any_known, jax.nn.log_sigmoid(mode), -jnp.inf)  # (B,)
+    log_explore = jnp.where(any_known, jax.nn.log_sigmoid(-mode), 0.0)  # (B,)
+    explore_log_probs = jax.nn.log_softmax(jnp.where(in_window, -jnp.inf, explore), axis=1)  # (B, A)
+    return jnp.where(
+        in_window,
+        log_repeat[:, None] + jnp.log(jnp.where(in_window, window_probs, 1.0)),
+        log_explore[:, None] + explore_log_probs,
+    )
 
 
 def repeat_for_actions(items: jax.Array, repeat: jax.Array, actions: jax.Array) -> jax.Array:

@@ -25,6 +25,7 @@ from rl.config_utils import config_from_dict, config_to_dict
 from rl.networks import (
     ACTION_ROW_PATHS,
     ITEM_EMBEDDING_PATH,
+    NEXT_ITEM_BIAS_PATH,
     NetworkConfig,
     QNetwork,
     init_params,
@@ -35,6 +36,7 @@ from rl.networks import (
 from rl.value_learning import double_q_learning_target, huber_loss, q_learning_target
 
 TARGET_UPDATES = ("periodic", "polyak")
+WEIGHT_DECAY_SCOPES = ("items", "all")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -61,6 +63,10 @@ class LearnerConfig:
     """Weight of SQN's next-item cross-entropy (label a_tm1); 0 disables it."""
     td_weight: float = 1.0
     """Weight of the TD loss; 0 (with sqn_weight > 0) trains a plain supervised next-item model."""
+    weight_decay: float = 0.0
+    """Decoupled (AdamW) decay: each update also subtracts learning_rate * weight_decay * w; 0 disables it."""
+    weight_decay_scope: Literal["items", "all"] = "items"
+    """What decays: 'items' the item embedding table, 'all' every weight matrix and table (no biases)."""
     seed: int = 0
     """Seed for parameter initialisation when no key is given."""
 
@@ -85,6 +91,12 @@ class LearnerConfig:
             raise ValueError(f"td_weight must be >= 0, got {self.td_weight}")
         if self.td_weight == 0 and self.sqn_weight == 0:
             raise ValueError("td_weight and sqn_weight cannot both be 0: nothing would be learned")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.weight_decay_scope not in WEIGHT_DECAY_SCOPES:
+            raise ValueError(
+                f"weight_decay_scope must be one of {WEIGHT_DECAY_SCOPES}, got {self.weight_decay_scope!r}"
+            )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> LearnerConfig:
@@ -110,8 +122,28 @@ class TrainState:
 
 
 def make_optimizer(config: LearnerConfig) -> optax.GradientTransformation:
-    """Adam behind global-norm clipping."""
-    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(config.learning_rate))
+    """Adam (AdamW with weight_decay > 0) behind global-norm clipping."""
+    if config.weight_decay == 0:
+        # Plain Adam keeps the optimizer state's structure, so older checkpoints still restore.
+        adam = optax.adam(config.learning_rate)
+    else:
+        adam = optax.adamw(
+            config.learning_rate,
+            weight_decay=config.weight_decay,
+            mask=functools.partial(weight_decay_mask, scope=config.weight_decay_scope),
+        )
+    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adam)
+
+
+def weight_decay_mask(params: Any, *, scope: str) -> Any:
+    """True for the parameters that decay: the item table ('items'), or every matrix ('all')."""
+
+    def decays(path: Sequence[Any], leaf: Any) -> bool:
+        if scope == "all":
+            return bool(jnp.ndim(leaf) >= 2)
+        return _dict_key_names(path)[-len(ITEM_EMBEDDING_PATH) :] == ITEM_EMBEDDING_PATH
+
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def create_train_state(
@@ -346,6 +378,32 @@ def stack_batches(batches: Sequence[TransitionBatch]) -> TransitionBatch:
     """Stack K same-shaped batches along a new leading axis, for update_many."""
     assert batches, "need at least one batch"
     return jax.tree.map(lambda *leaves: np.stack(leaves), *batches)
+
+
+def with_next_item_prior(state: TrainState, actions: np.ndarray | Sequence[int]) -> TrainState:
+    """The state with the next-item head's bias set to log(1 + count) of each action in `actions`.
+
+    A softmax trained on the bias alone converges to the log of each item's frequency, so starting
+    there lets the state encoder learn only what departs from popularity: an item the encoder
+    barely saw keeps a popularity-ordered score instead of one set by initialisation noise. The
+    counts are centred (the softmax ignores a shared constant); Adam's moments are left as they are.
+    """
+    params = state.params
+    bias = params[NEXT_ITEM_BIAS_PATH[0]][NEXT_ITEM_BIAS_PATH[1]]  # (A,)
+    action_array = np.asarray(actions, dtype=np.int64).reshape(-1)  # (N,)
+    if action_array.size and (action_array.min() < 0 or action_array.max() >= bias.shape[0]):
+        raise ValueError(
+            f"actions must be in [0, {bias.shape[0]}), got {action_array.min()}..{action_array.max()}"
+        )
+    log_counts = np.log1p(np.bincount(action_array, minlength=bias.shape[0]).astype(np.float64))  # (A,)
+    prior = jnp.asarray(log_counts - log_counts.mean(), bias.dtype)  # (A,)
+
+    def set_bias(tree: Any) -> Any:
+        inner = dict(tree[NEXT_ITEM_BIAS_PATH[0]])
+        inner[NEXT_ITEM_BIAS_PATH[1]] = prior
+        return {**tree, NEXT_ITEM_BIAS_PATH[0]: inner}
+
+    return state.replace(params=set_bias(params), target_params=set_bias(state.target_params))
 
 
 def _dict_key_names(path: Sequence[Any]) -> tuple[str, ...]:

@@ -156,6 +156,12 @@ def test_config_errors_name_the_problem():
         EvaluateConfig()
     with pytest.raises(ConfigError, match="split"):
         EvaluateConfig(log="x", split="random")
+    with pytest.raises(ConfigError, match="weight_decay must be >= 0"):
+        EvaluateConfig(log="x", weight_decay=-0.1)
+    with pytest.raises(ConfigError, match="weight_decay_scope"):
+        EvaluateConfig(log="x", weight_decay_scope="biases")
+    with pytest.raises(ConfigError, match="repeat_mode"):
+        EvaluateConfig(log="x", repeat_mode="copy")
 
 
 QUICK = [
@@ -267,8 +273,10 @@ def test_training_stops_after_patience_checks_without_a_new_best_and_keeps_the_b
     catalogue = Catalogue.of([log])
     config = EvaluateConfig(log="unused", embed_dim=8, hidden_sizes="16", batch_size=8, max_actions=10)
     model = NeuralModel("supervised", config, catalogue, log.interactions, seed=0)
-    # Validation scores in check order: the best comes at the 2nd check, then 3 checks without it.
-    scores = iter([0.0, 0.2, 0.5, 0.4, 0.5, 0.3, 0.9, 0.9])
+    # (HR@10, NDCG@10) in check order: the 4th check ties the best HR@10 with a better NDCG@10 and
+    # becomes the best; 3 checks without a new best follow (the last ties HR@10 with a worse NDCG).
+    checks = [(0.0, 0.0), (0.2, 0.1), (0.5, 0.3), (0.4, 0.2), (0.5, 0.35), (0.3, 0.1), (0.45, 0.2)]
+    scores = iter([*checks, (0.5, 0.3), (0.9, 0.5)])
     kept: list[object] = []
 
     def fake_validate(params, validation):
@@ -280,13 +288,38 @@ def test_training_stops_after_patience_checks_without_a_new_best_and_keeps_the_b
     targets = targets_for(log.interactions, catalogue, "sqn")
     per_call = model.trainer.settings.updates_per_call
     model.fit(epochs=100, eval_every=per_call, validation=targets, patience=3)
-    assert [score for _, score in model.validation_curve] == [0.0, 0.2, 0.5, 0.4, 0.5, 0.3]
-    assert [done for done, _ in model.validation_curve] == [
-        0,
-        per_call,
-        2 * per_call,
-        3 * per_call,
-        4 * per_call,
-        5 * per_call,
-    ]
-    assert model.params is kept[2]  # the parameters of the best check, not the last
+    assert [score for _, score in model.validation_curve] == [0.0, 0.2, 0.5, 0.4, 0.5, 0.3, 0.45, 0.5]
+    assert [done for done, _ in model.validation_curve] == [n * per_call for n in range(8)]
+    assert model.params is kept[4]  # the parameters of the best check, not the last
+
+
+def test_neural_model_starts_from_the_training_prior_with_the_configured_mode_and_decay(tmp_path):
+    from services.evaluate.models import NeuralModel
+
+    # Items taken (each interaction is a transition with its item as the action): a 3 times, b twice,
+    # c and d once.
+    sessions = {"u0": [("d", "view", None), ("a", "view", None), ("a", "view", None), ("b", "view", None)]}
+    sessions["u1"] = [("c", "view", None), ("b", "view", None), ("a", "view", None)]
+    log = load_log(_write_log(tmp_path / "log.jsonl", sessions), window=10)
+    catalogue = Catalogue.of([log])
+    config = EvaluateConfig(
+        log="unused",
+        embed_dim=8,
+        hidden_sizes="16",
+        batch_size=4,
+        next_item_prior=True,
+        repeat_mode="mixture",
+        weight_decay=0.5,
+    )
+    model = NeuralModel("sqn", config, catalogue, log.interactions, seed=0)
+    assert model.trainer.network_config.repeat_mode == "mixture"
+    assert model.trainer.learner_config.weight_decay == 0.5
+    bias = np.asarray(model.trainer.state.params["params"]["next_item_bias"])
+    action = dict(zip("abcd", model.trainer.vocabulary.lookup(list("abcd")), strict=True))
+    counts = np.zeros(bias.shape)
+    counts[[action["a"], action["b"], action["c"], action["d"]]] = [3, 2, 1, 1]
+    expected = np.log1p(counts) - np.log1p(counts).mean()
+    np.testing.assert_allclose(bias, expected, rtol=1e-6, atol=1e-6)
+    model.fit(epochs=1, eval_every=8, validation=targets_for(log.interactions, catalogue, "sqn"))
+    scores = model.scores(targets_for(log.interactions, catalogue, "sqn"))
+    assert scores.shape == (7, len(catalogue)) and np.all(np.isfinite(scores))

@@ -233,3 +233,46 @@ def test_repeat_scores_replace_the_logits_of_window_items() -> None:
     repeat = jnp.array([[1.0, -2.0, 4.0], [9.0, 9.0, -8.0]])
     out = np.asarray(replace_at_items(scores, items, repeat))
     np.testing.assert_array_equal(out, [[7, 7, -2, 4, 7, 7], [7, 7, 7, 7, 7, -8]])
+
+
+def test_repeat_and_explore_modes_mix_into_exact_probabilities() -> None:
+    """RepeatNet's two modes by hand: row 0 holds items 3, 2, 3 with P(repeat) = 1/2; row 1 has no
+    known window item (padding and OOV), so all its mass explores."""
+    from rl.networks import repeat_explore_log_probs
+
+    explore = jnp.log(jnp.array([[1.0, 1.0, 5.0, 7.0, 1.0, 3.0], [1.0] * 6]))  # (2, 6)
+    items = jnp.array([[3, 2, 3], [0, 1, 0]])
+    # Slot weights 1 : 2 : 1, so item 3 (two slots) and item 2 (one slot) share repeat mass equally.
+    repeat = jnp.log(jnp.array([[1.0, 2.0, 1.0], [4.0, 4.0, 4.0]]))
+    mode = jnp.array([0.0, 5.0])
+    probs = np.exp(np.asarray(repeat_explore_log_probs(explore, items, repeat, mode)))
+    # Row 0: items 2 and 3 get 1/2 * 1/2; the explore half goes to items 0, 1, 4, 5 as 1 : 1 : 1 : 3.
+    np.testing.assert_allclose(probs[0], [1 / 12, 1 / 12, 1 / 4, 1 / 4, 1 / 12, 1 / 4], rtol=1e-6)
+    np.testing.assert_allclose(probs[1], [1 / 6] * 6, rtol=1e-6)
+    # A row without a window item keeps finite gradients (no NaN leaks through the masked softmax).
+    grads = jax.grad(lambda r, m: repeat_explore_log_probs(explore, items, r, m)[:, 4].sum(), argnums=(0, 1))(
+        repeat, mode
+    )
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+
+
+def test_mixture_network_scores_are_log_probabilities_over_the_items() -> None:
+    config = NetworkConfig(
+        num_actions=NUM_ACTIONS,
+        embed_dim=8,
+        hidden_sizes=(16,),
+        next_item_head=True,
+        repeat_head=True,
+        repeat_hidden=4,
+        repeat_mode="mixture",
+    )
+    network = QNetwork(config)
+    obs = make_obs([[3, 2, 3], [0, 0, 0]])
+    params = init_params_compiled(network, obs, jax.random.key(0))
+    assert params["params"]["repeat_mode_logit"]["kernel"].shape == (16, 1)
+    logits = np.asarray(apply(network, params, obs, method=QNetwork.next_item_logits))  # (2, A)
+    np.testing.assert_allclose(np.exp(logits).sum(axis=1), [1.0, 1.0], rtol=1e-5)
+    # The untrained repeat head scores every slot 0, so item 3 (two slots) has twice item 2's mass.
+    np.testing.assert_allclose(np.exp(logits[0, 3]) / np.exp(logits[0, 2]), 2.0, rtol=1e-5)
+    with pytest.raises(ValueError, match="repeat_mode"):
+        NetworkConfig(num_actions=4, repeat_mode="copy")

@@ -24,6 +24,8 @@ from rl.train import (
     update,
     update_jit,
     update_many,
+    weight_decay_mask,
+    with_next_item_prior,
 )
 
 SMALL = NetworkConfig(num_actions=6, embed_dim=4, hidden_sizes=(8,))
@@ -472,3 +474,47 @@ def test_td_weight_zero_is_a_plain_supervised_step_that_ignores_rewards() -> Non
         update_jit(state, batch, network=network, config=joint)[0].params,
         update_jit(state, rewarded, network=network, config=joint)[0].params,
     )
+
+
+def test_weight_decay_shrinks_an_untouched_item_row_by_lr_times_decay_per_step() -> None:
+    """AdamW: a row no batch touches has no Adam step, so it only decays, by exactly (1 - lr * wd)."""
+    config = LearnerConfig(learning_rate=0.1, weight_decay=0.5, target_update_period=100)
+    rng = np.random.default_rng(0)
+    batch = random_batch(rng, 8, 4)  # actions and window items all below 4: rows 4 and 5 are untouched
+    state = create_train_state(SMALL, config, batch.obs_tm1, jax.random.key(0))
+    table = np.asarray(state.params["params"]["item_embedding"]["embedding"])  # (6, 4)
+    network = QNetwork(SMALL)
+    for _ in range(2):
+        state, _ = update_jit(state, batch, network=network, config=config)
+    after = np.asarray(state.params["params"]["item_embedding"]["embedding"])
+    np.testing.assert_allclose(after[4:], table[4:] * (1 - 0.1 * 0.5) ** 2, rtol=1e-6)
+    assert not np.allclose(after[2:4], table[2:4] * (1 - 0.1 * 0.5) ** 2)  # trained rows also learn
+    # Only the item table decays by default; 'all' takes every matrix but no bias.
+    items_mask = weight_decay_mask(state.params, scope="items")["params"]
+    assert items_mask["item_embedding"]["embedding"] and not items_mask["hidden_layers_0"]["kernel"]
+    all_mask = weight_decay_mask(state.params, scope="all")["params"]
+    assert all_mask["hidden_layers_0"]["kernel"] and all_mask["event_type_embedding"]["embedding"]
+    assert not all_mask["hidden_layers_0"]["bias"] and not all_mask["action_bias"]
+    with pytest.raises(ValueError, match="weight_decay"):
+        LearnerConfig(weight_decay=-1.0)
+    with pytest.raises(ValueError, match="weight_decay_scope"):
+        LearnerConfig(weight_decay_scope="biases")  # type: ignore[arg-type]
+
+
+def test_next_item_prior_sets_the_bias_to_centred_log_counts() -> None:
+    state = create_train_state(
+        SEQUENCE_NETWORK, SEQUENCE_LEARNER, empty_obs_batch(1, window=2, feature_dim=1), jax.random.key(0)
+    )
+    primed = with_next_item_prior(state, [2, 2, 2, 3, 9])
+    counts = np.zeros(SEQUENCE_NETWORK.num_actions)
+    counts[[2, 3, 9]] = [3, 1, 1]
+    expected = np.log1p(counts) - np.log1p(counts).mean()
+    for params in (primed.params, primed.target_params):
+        np.testing.assert_allclose(params["params"]["next_item_bias"], expected, rtol=1e-6, atol=1e-7)
+    # Everything else is untouched.
+    np.testing.assert_array_equal(
+        primed.params["params"]["item_embedding"]["embedding"],
+        state.params["params"]["item_embedding"]["embedding"],
+    )
+    with pytest.raises(ValueError, match="actions"):
+        with_next_item_prior(state, [SEQUENCE_NETWORK.num_actions])

@@ -11,6 +11,9 @@ SPLITS = ("users", "sessions", "time")
 PROTOCOLS = ("sqn", "session")
 DQN_VARIANTS = ("sqn", "q_only", "supervised")
 OPE_POLICIES = ("logging", "uniform", "popularity")
+# rl's own lists, spelled out here so the command line starts without importing JAX.
+WEIGHT_DECAY_SCOPES = ("items", "all")
+REPEAT_MODES = ("replace", "mixture")
 
 
 @register("evaluate")
@@ -41,6 +44,24 @@ class EvaluateConfig:
     gamma: float = setting(0.5, help="discount of the Q-learning models")
     sqn_weight: float = setting(1.0, help="weight of the next-item loss in the joint SQN model")
     embed_dim: int = setting(64, help="item embedding width of the neural models")
+    weight_decay: float = setting(
+        10.0,
+        help="decoupled (AdamW) weight decay of the neural models: each update also shrinks the "
+        "decayed weights by learning rate x this (0: plain Adam)",
+    )
+    weight_decay_scope: str = setting(
+        "items", help="what --weight-decay shrinks: items (the item embedding table) or all (every matrix)"
+    )
+    repeat_mode: str = setting(
+        "mixture",
+        help="how the repeat head enters the next-item scores: replace (a window item's score is its "
+        "repeat score) or mixture (RepeatNet's repeat and explore modes, weighted by a learned P(repeat))",
+    )
+    next_item_prior: bool = setting(
+        True,
+        help="start the next-item head's item bias at the log of each item's training frequency (what "
+        "the softmax learns from the bias alone), so rarely seen items do not outrank popular ones by noise",
+    )
     hidden_sizes: str = setting("256", help="hidden layer widths of the state MLP")
     repeat_head: bool = setting(
         True, help="give the neural models the repeat head (a learned score for recently seen items)"
@@ -129,6 +150,17 @@ class EvaluateConfig:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.sqn_weight <= 0:
             raise ConfigError(f"sqn_weight must be > 0, got {self.sqn_weight}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.repeat_mode not in REPEAT_MODES:
+            raise ConfigError(
+                f"repeat_mode must be one of {', '.join(REPEAT_MODES)}, got {self.repeat_mode!r}"
+            )
+        if self.weight_decay_scope not in WEIGHT_DECAY_SCOPES:
+            raise ConfigError(
+                f"weight_decay_scope must be one of {', '.join(WEIGHT_DECAY_SCOPES)}, "
+                f"got {self.weight_decay_scope!r}"
+            )
         if not 0.0 < self.confidence < 1.0:
             raise ConfigError(f"confidence must be in (0, 1), got {self.confidence}")
         if self.limit is not None and self.limit < 1:

@@ -21,9 +21,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from rl.batch import ObsBatch
+from rl.batch import ObsBatch, empty_obs_batch
 from rl.networks import QNetwork
-from rl.ranking import hit_rate, target_ranks
+from rl.ranking import hit_rate, ndcg, target_ranks
+from rl.train import create_train_state, with_next_item_prior
 from services.evaluate.config import EvaluateConfig
 from services.evaluate.splits import Catalogue, Interaction, Target
 from services.learner.config import ModelSettings
@@ -80,8 +81,25 @@ class NeuralModel:
         # The seed already went into the initial parameters and the sampler; the update's config is
         # a static jit argument, so leaving the seed in it would recompile the update for every run.
         self.trainer.learner_config = dataclasses.replace(
-            self.trainer.learner_config, seed=0, td_weight=0.0 if variant == "supervised" else 1.0
+            self.trainer.learner_config,
+            seed=0,
+            td_weight=0.0 if variant == "supervised" else 1.0,
+            weight_decay=config.weight_decay,
+            weight_decay_scope=config.weight_decay_scope,  # type: ignore[arg-type]
         )
+        if config.repeat_mode != self.trainer.network_config.repeat_mode or config.weight_decay > 0:
+            self.trainer.network_config = dataclasses.replace(
+                self.trainer.network_config, repeat_mode=config.repeat_mode
+            )
+            self.trainer.network = QNetwork(self.trainer.network_config)
+            # Parameters and optimizer state follow the configurations just set (the mixture adds a
+            # mode layer, AdamW a mask), so the train state starts afresh from the same seed.
+            self.trainer.state = create_train_state(
+                self.trainer.network_config,
+                self.trainer.learner_config,
+                empty_obs_batch(1, window=config.window, feature_dim=FEATURE_DIM),
+                jax.random.key(seed),
+            )
         self.trainer.vocabulary.observe([catalogue.item_ids[i] for i in chosen], 0)
         # Catalogue index -> action index of the network, for the items it scores.
         self.scored_items = chosen  # (V,)
@@ -90,6 +108,9 @@ class NeuralModel:
         for start in range(0, len(known), 4096):
             self.trainer.buffer.add(self.trainer.to_batch(known[start : start + 4096]))
         self.train_transitions = len(known)
+        if config.next_item_prior and self.trainer.network_config.next_item_head:
+            actions = self.trainer.vocabulary.lookup([t.a_tm1 for t in known])  # (N,)
+            self.trainer.state = with_next_item_prior(self.trainer.state, actions)
         self.head = "q" if variant == "q_only" else "next_item"
         self.params = self.trainer.state.params
         self.validation_curve: list[tuple[int, float]] = []
@@ -109,6 +130,9 @@ class NeuralModel:
     ) -> None:
         """Train for `epochs` passes; keep the parameters with the best validation HR@10.
 
+        Equal HR@10 goes to the better NDCG@10: when every window item already ranks in the top 10,
+        HR@10 can stay level for many checks while the order inside the top 10 improves.
+
         With `patience` > 0, stop once that many checks in a row have not beaten the best: small
         logs overfit within a few epochs, and every update after that is wasted time.
         """
@@ -118,8 +142,8 @@ class NeuralModel:
         total = self.total_updates(epochs, trainer.settings.batch_size)
         per_call = trainer.settings.updates_per_call
         chunk = per_call * max(1, eval_every // per_call)
-        best = self._validate(validation) if validation else float("-inf")
-        self.validation_curve.append((0, best))
+        best = self._validate(validation) if validation else (float("-inf"), float("-inf"))
+        self.validation_curve.append((0, best[0]))
         done = 0
         checks_since_best = 0
         while done < total and not (patience and checks_since_best >= patience):
@@ -129,23 +153,24 @@ class NeuralModel:
             on_updates(steps)
             if validation:
                 score = self._validate_with(trainer.state.params, validation)
-                self.validation_curve.append((done, score))
+                self.validation_curve.append((done, score[0]))
                 checks_since_best += 1
                 if score > best:
                     best, self.params, checks_since_best = score, trainer.state.params, 0
             else:
                 self.params = trainer.state.params
 
-    def _validate(self, validation: Sequence[Target]) -> float:
+    def _validate(self, validation: Sequence[Target]) -> tuple[float, float]:
         return self._validate_with(self.trainer.state.params, validation)
 
-    def _validate_with(self, params: Any, validation: Sequence[Target]) -> float:
-        hits = []
+    def _validate_with(self, params: Any, validation: Sequence[Target]) -> tuple[float, float]:
+        """(HR@10, NDCG@10) on the validation targets: compared in that order."""
+        ranks = []
         for start in range(0, len(validation), SCORE_BATCH):
             chunk = validation[start : start + SCORE_BATCH]
-            ranks = target_ranks(self._scores_with(params, chunk), np.asarray([t.item for t in chunk]))
-            hits.append(hit_rate(ranks, 10))
-        return float(np.concatenate(hits).mean())
+            ranks.append(target_ranks(self._scores_with(params, chunk), np.asarray([t.item for t in chunk])))
+        all_ranks = np.concatenate(ranks)
+        return float(hit_rate(all_ranks, 10).mean()), float(ndcg(all_ranks, 10).mean())
 
     def scores(self, targets: Sequence[Target]) -> np.ndarray:
         """(N, C) scores; items the network has no action for get -inf (they rank last)."""
