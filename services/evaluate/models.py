@@ -12,7 +12,6 @@ updates); the supervised model is the same update with the TD loss weighted 0.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -21,10 +20,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from rl.batch import ObsBatch, empty_obs_batch
+from rl.batch import ObsBatch
 from rl.networks import QNetwork
 from rl.ranking import hit_rate, ndcg, target_ranks
-from rl.train import create_train_state, with_next_item_prior
+from rl.train import with_next_item_prior
 from services.evaluate.config import EvaluateConfig
 from services.evaluate.splits import Catalogue, Interaction, Target
 from services.learner.config import ModelSettings
@@ -77,29 +76,19 @@ class NeuralModel:
             replay_capacity=max(1, len(train)),
             seed=seed,
         )
-        self.trainer = Trainer(settings, FEATURE_DIM)
-        # The seed already went into the initial parameters and the sampler; the update's config is
-        # a static jit argument, so leaving the seed in it would recompile the update for every run.
-        self.trainer.learner_config = dataclasses.replace(
-            self.trainer.learner_config,
-            seed=0,
-            td_weight=0.0 if variant == "supervised" else 1.0,
-            weight_decay=config.weight_decay,
-            weight_decay_scope=config.weight_decay_scope,  # type: ignore[arg-type]
+        self.trainer = Trainer(
+            settings,
+            FEATURE_DIM,
+            network_changes={"repeat_mode": config.repeat_mode},
+            # The seed already goes into the initial parameters and the sampler; the update's config
+            # is a static jit argument, so leaving the seed in it would recompile it for every run.
+            learner_changes={
+                "seed": 0,
+                "td_weight": 0.0 if variant == "supervised" else 1.0,
+                "weight_decay": config.weight_decay,
+                "weight_decay_scope": config.weight_decay_scope,
+            },
         )
-        if config.repeat_mode != self.trainer.network_config.repeat_mode or config.weight_decay > 0:
-            self.trainer.network_config = dataclasses.replace(
-                self.trainer.network_config, repeat_mode=config.repeat_mode
-            )
-            self.trainer.network = QNetwork(self.trainer.network_config)
-            # Parameters and optimizer state follow the configurations just set (the mixture adds a
-            # mode layer, AdamW a mask), so the train state starts afresh from the same seed.
-            self.trainer.state = create_train_state(
-                self.trainer.network_config,
-                self.trainer.learner_config,
-                empty_obs_batch(1, window=config.window, feature_dim=FEATURE_DIM),
-                jax.random.key(seed),
-            )
         self.trainer.vocabulary.observe([catalogue.item_ids[i] for i in chosen], 0)
         # Catalogue index -> action index of the network, for the items it scores.
         self.scored_items = chosen  # (V,)

@@ -13,9 +13,10 @@ counted in `Trainer.unusable`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -100,12 +101,22 @@ class UpdateMetrics:
 class Trainer:
     """Vocabulary + replay buffer + train state, and the conversion from messages to arrays."""
 
-    def __init__(self, settings: ModelSettings, feature_dim: int) -> None:
+    def __init__(
+        self,
+        settings: ModelSettings,
+        feature_dim: int,
+        *,
+        network_changes: Mapping[str, Any] | None = None,
+        learner_changes: Mapping[str, Any] | None = None,
+    ) -> None:
+        """``network_changes`` / ``learner_changes``: fields of NetworkConfig / LearnerConfig that the
+        learner's settings do not expose (offline evaluation uses them), set before the train state
+        is built, since they shape its parameters and optimizer state."""
         self.settings = settings
         self.feature_dim = feature_dim
         self.window = settings.window
-        self.network_config = network_config_for(settings)
-        self.learner_config = learner_config_for(settings)
+        self.network_config = dataclasses.replace(network_config_for(settings), **(network_changes or {}))
+        self.learner_config = dataclasses.replace(learner_config_for(settings), **(learner_changes or {}))
         self.network = QNetwork(self.network_config)
         self.vocabulary = Vocabulary(settings.vocabulary_capacity, settings.vocabulary_min_count)
         self.granularity = settings.action_granularity
