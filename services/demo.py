@@ -26,6 +26,7 @@ phase of the run (its second half), when the learners have had time to learn.
 
 from __future__ import annotations
 
+import abc
 import base64
 import contextlib
 import json
@@ -69,9 +70,9 @@ DEFAULT_POLICIES = "dqn=0.2,bandit=0.16,tabular_q=0.16,popularity=0.16,random=0.
 DEFAULT_PROCESS_POLICIES = "dqn=0.2,bandit=0.2,tabular_q=0.2,popularity=0.2,random=0.2"
 SPLIT_SALT = "qrec-ab-1"
 LOCAL_KAFKA = "local"
+"""--bootstrap-servers value that starts a Kafka broker from deploy/kafka for the run (with --processes)."""
 LIVE_WINDOWS = 9
 """Report windows whose reward per session the live view draws per policy (the latest ones)."""
-"""--bootstrap-servers value that starts a Kafka broker from deploy/kafka for the run (with --processes)."""
 
 
 @register("demo")
@@ -242,11 +243,12 @@ class LearnerTotals:
     tabular_updates: int
 
 
-class ClosedLoop:
+class ClosedLoop(abc.ABC):
     """The simulated shop and its books: each shopper's group, and what each group was shown and earned.
 
-    Subclasses connect the shop to the services (in this process, or as separate processes) and say
-    what the services report (``service_numbers``, ``learner_totals``).
+    Subclasses connect the shop to the services (in this process, or as separate processes): they
+    move the shop one step (``_step``) and say what the services report (``service_numbers``,
+    ``learner_totals``).
     """
 
     producer: Producer
@@ -277,27 +279,50 @@ class ClosedLoop:
         self.events_total = 0
         self.started_wall = time.monotonic()
 
+    @abc.abstractmethod
     def start(self) -> None:
         """Bring the services up (they are ready when this returns)."""
 
     def run(self, on_window: Any = None) -> None:
-        raise NotImplementedError
+        """Run the shop for the configured time, closing a report window every report_every_minutes."""
+        start = self.sim.config.start_time_ms
+        end = start + self.duration_ms
+        every = int(self.config.report_every_minutes * 60 * 1000)
+        window = Window(minute=0.0)
+        next_report = start + every
+        now = start
+        while now < end:
+            now = self._step(now, end, window)
+            if now >= next_report or now >= end:
+                self._close(window, now, start)
+                if on_window is not None:
+                    on_window(self)
+                window = Window(minute=(now - start) / 60_000)
+                next_report += every
 
+    @abc.abstractmethod
+    def _step(self, now: int, end: int, window: Window) -> int:
+        """Move the shop on from simulated time ``now`` (ms), booking into ``window``; the new time."""
+
+    @abc.abstractmethod
     def stop(self) -> None:
         """Stop the services cleanly once the run is over (they publish what they learned last)."""
 
+    @abc.abstractmethod
     def close(self) -> None:
         """Release everything, also after a failure."""
 
+    @abc.abstractmethod
     def service_numbers(self) -> ServiceNumbers:
-        raise NotImplementedError
+        """What the services report now (cumulative), for the report window being closed."""
 
     def run_details(self) -> dict[str, Any]:
         """How the services ran, for the summary."""
         return {"mode": "in-process"}
 
+    @abc.abstractmethod
     def learner_totals(self) -> LearnerTotals:
-        raise NotImplementedError
+        """What the learners did over the whole run."""
 
     def group_of(self, user_id: str) -> str:
         """The A/B group of a shopper (the policy the split assigns, whatever label it is served with)."""
@@ -420,7 +445,6 @@ class Demo(ClosedLoop):
             on_assign=self.builder._on_assign,
             on_revoke=self.builder._on_revoke,
         )
-        self.actor.warm_up()
         self.actor.consumer.subscribe([self.actor.config.user_state_topic])
         self.producer = bus.producer()
         self.recs = bus.consumer()
@@ -429,6 +453,9 @@ class Demo(ClosedLoop):
         ]
         self.recs.assign(parts)
         self.recs.seek_to_end(parts)
+
+    def start(self) -> None:
+        self.actor.warm_up()
 
     def _oracle(self, state: UserState, blocked: list[str], k: int) -> list[str]:
         """The oracle policy: the simulator's myopic best slate for the shopper right now."""
@@ -464,27 +491,16 @@ class Demo(ClosedLoop):
             if learner is not None:
                 learner.poll_once(timeout_s=0.0)
 
-    def run(self, on_window: Any = None) -> None:
-        start = self.sim.config.start_time_ms
-        tick = int(self.config.tick_seconds * 1000)
-        every = int(self.config.report_every_minutes * 60 * 1000)
-        window = Window(minute=0.0)
-        next_report = start + every
-        now = start
-        while now < start + self.duration_ms:
-            now += tick
-            self._send(self.sim.advance(now), window)
-            self.producer.flush()
-            self._pump()
-            self._show(self.recs.poll(max_records=10_000, timeout_s=0.0), now, window)
-            self.producer.flush()
-            self._pump()
-            if now >= next_report or now >= start + self.duration_ms:
-                self._close(window, now, start)
-                if on_window is not None:
-                    on_window(self)
-                window = Window(minute=(now - start) / 60_000)
-                next_report += every
+    def _step(self, now: int, end: int, window: Window) -> int:
+        """One tick of simulated time: the shop acts, every service drains, shoppers see their slates."""
+        now += int(self.config.tick_seconds * 1000)
+        self._send(self.sim.advance(now), window)
+        self.producer.flush()
+        self._pump()
+        self._show(self.recs.poll(max_records=10_000, timeout_s=0.0), now, window)
+        self.producer.flush()
+        self._pump()
+        return now
 
     def stop(self) -> None:
         for learner in (self.learner, self.bandit):
@@ -840,6 +856,7 @@ def run_demo(config: DemoConfig, console: Console) -> dict[str, Any]:
             config = replace(config, bootstrap_servers=kafka.bootstrap_servers)
             console.print(f"Kafka is up at {kafka.bootstrap_servers}")
         bus = make_bus(config)
+        cleanup.callback(bus.close)  # after the demo's own close below, before Kafka stops
         demo: ClosedLoop
         if config.processes:
             from services.demo_processes import ProcessDemo
@@ -874,7 +891,6 @@ def run_demo(config: DemoConfig, console: Console) -> dict[str, Any]:
             data = summary(demo) if quiet else write_report(demo, Path(config.out))
         finally:
             demo.close()
-            bus.close()
     if quiet:
         sys.stdout.write(json.dumps(data) + "\n")
         sys.stdout.flush()

@@ -273,65 +273,49 @@ class ProcessDemo(ClosedLoop):
 
     # -- run ---------------------------------------------------------------------------------
 
-    def run(self, on_window: Any = None) -> None:
-        config = self.config
-        start = self.sim.config.start_time_ms
-        end = start + self.duration_ms
-        every = int(config.report_every_minutes * 60 * 1000)
-        wait_s = min(0.2, config.tick_seconds / config.speed)
-        window = Window(minute=0.0)
-        next_report = start + every
-        began = time.monotonic()
-        now = start
-        while now < end:
-            self._check_alive()
-            records = self.recs.poll(max_records=5000, timeout_s=wait_s)
-            now = max(now, min(end, start + int((time.monotonic() - began) * config.speed * 1000)))
-            self._send(self.sim.advance(now), window)
-            self._show(records, now, window)
-            self.producer.flush()
-            if now >= next_report or now >= end:
-                self._close(window, now, start)
-                if on_window is not None:
-                    on_window(self)
-                window = Window(minute=(now - start) / 60_000)
-                next_report += every
+    def _step(self, now: int, end: int, window: Window) -> int:
+        """Slates that arrived are shown at the shop's time now, which runs --speed times the wall clock."""
+        self._check_alive()
+        records = self.recs.poll(
+            max_records=5000, timeout_s=min(0.2, self.config.tick_seconds / self.config.speed)
+        )
+        elapsed_s = time.monotonic() - self.started_wall
+        now = max(now, min(end, self.sim.config.start_time_ms + int(elapsed_s * self.config.speed * 1000)))
+        self._send(self.sim.advance(now), window)
+        self._show(records, now, window)
+        self.producer.flush()
+        return now
 
-    def _scrape_all(self) -> dict[str, Samples]:
+    def _scrape_all(self) -> None:
+        """Read every service's /metrics (one that does not answer keeps its last numbers)."""
         for name, process in self.processes.items():
             with contextlib.suppress(OSError):
                 self._last[name] = scrape(process.metrics_url)
-        return self._last
+
+    def _value(self, process: str, name: str) -> float:
+        """A metric's total as ``process`` last reported it (0 when it has not)."""
+        return total(self._last.get(process, {}), name) or 0.0
 
     def service_numbers(self) -> ServiceNumbers:
-        samples = self._scrape_all()
-
-        def value(process: str, name: str) -> float:
-            return total(samples.get(process, {}), name) or 0.0
-
-        slots = value("actor", "qrec_actor_slots_total")
-        updates = int(value("learner", "qrec_learner_updates_total"))
+        self._scrape_all()
+        slots = self._value("actor", "qrec_actor_slots_total")
         return ServiceNumbers(
-            transitions=int(value("learner", "qrec_learner_transitions_total")),
-            updates=updates,
-            model_version=int(value("learner", "qrec_learner_model_version")),
-            loss=value("learner", "qrec_learner_loss") if updates else None,
-            explored_share=value("actor", "qrec_actor_explored_slots_total") / slots if slots else None,
+            transitions=int(self._value("learner", "qrec_learner_transitions_total")),
+            updates=int(self._value("learner", "qrec_learner_updates_total")),
+            model_version=int(self._value("learner", "qrec_learner_model_version")),
+            loss=self._value("learner", "qrec_learner_loss"),
+            explored_share=self._value("actor", "qrec_actor_explored_slots_total") / slots if slots else None,
         )
 
     def learner_totals(self) -> LearnerTotals:
         if self._totals is not None:
             return self._totals
-        samples = self._scrape_all()
-
-        def value(process: str, name: str) -> int:
-            return int(total(samples.get(process, {}), name) or 0)
-
+        self._scrape_all()
         return LearnerTotals(
-            model_version=value("learner", "qrec_learner_model_version"),
-            updates=value("learner", "qrec_learner_updates_total"),
-            bandit_updates=value("bandit", "qrec_learner_updates_total"),
-            tabular_updates=value("tabular-learner", "qrec_tabular_updates_total"),
+            model_version=int(self._value("learner", "qrec_learner_model_version")),
+            updates=int(self._value("learner", "qrec_learner_updates_total")),
+            bandit_updates=int(self._value("bandit", "qrec_learner_updates_total")),
+            tabular_updates=int(self._value("tabular-learner", "qrec_tabular_updates_total")),
         )
 
     def run_details(self) -> dict[str, Any]:
