@@ -510,7 +510,8 @@ def test_expired_and_not_clicked_slots() -> None:
     slots = out.transitions[:2]
     assert [t.transition_id for t in slots] == ["r1:0", "r1:1"]
     assert [t.obs_t for t in slots] == [current, current]
-    assert [t.done for t in slots] == [False, False]
+    # No opportunity came after the slate before the session ended: its last transitions.
+    assert [t.done for t in slots] == [True, True]
     # The pending logged click is also emitted: the session (gap 1800 s) has ended by then.
     assert [t.transition_id for t in out.transitions[2:]] == ["logged:e2"]
 
@@ -533,6 +534,37 @@ def test_session_end_closes_recommendations_with_done() -> None:
     assert outputs[0].attribution == ("expired",)
 
 
+def test_a_slate_without_a_next_opportunity_waits_past_its_deadline_for_the_sessions_fate() -> None:
+    """Clicked, then silence: the window ends before the session's end is known (gap after the last
+    event), so the slate waits; the session's end makes it done, an event in the session does not."""
+    params = StepParams()  # attribution window and session gap both 1800 s
+    record, outputs = run([ev("e1", "view", T0, "i0")], params)
+    s1 = state_of(outputs[0])
+    record = shown(record, rec("r1", ["a", "b"], T0), params)
+    record, outputs = run([ev("e2", "click", T0 + MINUTE, "b")], params, record)
+    clicked = state_of(outputs[0]).observation
+    # At the deadline nothing closes: only T0 + 1 min + 30 min tells whether the shopper left.
+    assert next_deadline_ms(record, params) == T0 + MINUTE + 1800 * SECOND + 1
+    waiting, out = advance_time(record, T0 + 1800 * SECOND, params)
+    assert waiting is record and out.transitions == ()
+    _, out = advance_time(record, T0 + MINUTE + 1800 * SECOND + 1, params)
+    assert out.transitions[:2] == (
+        slot("r1", 0, "a", 0.0, s1.observation, clicked, True, T0, 0.5),
+        slot("r1", 1, "b", 1.0, s1.observation, clicked, True, T0, 0.5),
+    )
+    assert out.attribution == ("expired", "clicked")
+    # The shopper comes back within the gap (after the window): the session went on, not done, from
+    # the observation at the window's end; the late add_to_cart is no feedback.
+    _, outputs = run([ev("e3", "add_to_cart", T0 + 1830 * SECOND, "b")], params, record)
+    assert outputs[0].transitions[:2] == (
+        slot("r1", 0, "a", 0.0, s1.observation, clicked, False, T0, 0.5),
+        slot("r1", 1, "b", 1.0, s1.observation, clicked, False, T0, 0.5),
+    )
+    # Before the deadline, an event changes nothing of the kind: the slate keeps waiting for feedback.
+    kept, outputs = run([ev("e3", "add_to_cart", T0 + 20 * MINUTE, "b")], params, record)
+    assert outputs[0].transitions[0].transition_id == "logged:e2" and kept.pending[0].rewards == [0.0, 4.0]
+
+
 def test_purchase_long_after_the_recommendation_earns_nothing() -> None:
     params = StepParams()
     record, outputs = run([ev("e1", "view", T0, "i0")], params)
@@ -540,8 +572,9 @@ def test_purchase_long_after_the_recommendation_earns_nothing() -> None:
     record = shown(record, rec("r1", ["a"], T0), params)
     _, outputs = run([ev("e2", "purchase", T0 + 2 * HOUR, "a")], params, record)
     out = outputs[0]
-    # The window closed (at T0 + 30 min, before the purchase) with no reward; then the session ended.
-    assert out.transitions[0] == slot("r1", 0, "a", 0.0, s1.observation, s1.observation, False, T0, 1.0)
+    # The window closed (at T0 + 30 min, before the purchase) with no reward, and the session ended
+    # with no opportunity after the slate: done.
+    assert out.transitions[0] == slot("r1", 0, "a", 0.0, s1.observation, s1.observation, True, T0, 1.0)
     assert out.transitions[1].transition_id == "logged:e1" and out.transitions[1].done is True
     assert out.attribution == ("expired",)
     assert state_of(out).purchased_items == ["a"]
@@ -610,8 +643,8 @@ def test_ttl_expiry_by_timer_and_by_a_late_returning_user() -> None:
     gone, out = advance_time(record, T0 + 86400 * SECOND + 1, params)
     assert gone is None and out.expired
     assert [t.transition_id for t in out.transitions] == ["r1:0", "logged:e1"]
-    # The slate closed at its deadline, while the session was still alive; the session then ended.
-    assert out.transitions[0].done is False and out.transitions[1].done is True
+    # No opportunity followed the slate, and the session ended: both are the session's last.
+    assert out.transitions[0].done is True and out.transitions[1].done is True
     # An event after the TTL starts afresh (offsets kept), without a tombstone.
     fresh, out = apply_event(record, ev("e2", "view", T0 + 2 * 86400 * SECOND, "i2"), params, offset=5)
     state = state_of(out)

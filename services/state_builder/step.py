@@ -111,8 +111,13 @@ recommendation for a user without a record creates a provisional record (``appli
   reward, ``obs_t`` = the stored obs_t or else the current observation, ``rec_id``, ``position``,
   ``propensity``, ``model_version``, ``policy``, ``source = "recommendation"``, ``timestamp =
   created_at``. ``done`` is whether the session had ended when it closed: True when closed by a
-  session end or expiry; at the deadline, True only if ``deadline - latest_ms > session_gap``. So
-  the outcome does not depend on how late after its deadline a timer fires.
+  session end or expiry; at the deadline, True only if ``deadline - latest_ms > session_gap``. A
+  slate with no opportunity after it (obs_t unset) does not close at its deadline while the session
+  may still go on: it waits until the session's fate is known. The session's end closes it with
+  ``done`` True (the shopper left after the slate: its last transition); the user's next event in
+  the same session closes it with ``done`` False and the observation at that time (the window's
+  end; the event, after the window, is no feedback). So the outcome does not depend on how late
+  after its deadline a timer fires.
 - ``Outputs.attribution`` has one entry per closed slot, in transition order: ``"clicked"`` (the
   slot's reward is > 0), ``"not_clicked"`` (no positive reward, but the user came back to an
   opportunity: obs_t was set) or ``"expired"`` (no positive reward and no opportunity before the
@@ -499,11 +504,15 @@ def _advance(
     keep: list[PendingRecommendation] = []
     for rec in record.pending:
         deadline = rec.created_at + window_ms
-        if deadline <= now_ms:
+        if session_over:
+            # Ended before its deadline, or with no opportunity after the slate: the session ended.
+            done = deadline > now_ms or rec.obs_t is None or deadline - latest > gap_ms
+            _close(rec, user_id, current, done, transitions, attribution)
+        elif deadline <= now_ms and (rec.obs_t is not None or deadline - latest > gap_ms):
             _close(rec, user_id, current, deadline - latest > gap_ms, transitions, attribution)
-        elif session_over:
-            _close(rec, user_id, current, True, transitions, attribution)
         else:
+            # Before its deadline; or past it with no opportunity since, so whether the session went on
+            # is not known yet: the next event in the session (done False) or its end (done True) tells.
             keep.append(rec)
     if session_over and logged is not None:
         transitions.append(_replace(logged, done=True))
@@ -527,7 +536,9 @@ def next_deadline_ms(record: UserRecord, params: StepParams) -> int:
         deadline = min(deadline, math.floor(latest + params.session_gap_seconds * 1000.0) + 1)
     window_ms = params.attribution_window_seconds * 1000.0
     for rec in record.pending:
-        deadline = min(deadline, math.ceil(rec.created_at + window_ms))
+        # A slate without an opportunity since waits for the session's end (already in the minimum).
+        if rec.obs_t is not None:
+            deadline = min(deadline, math.ceil(rec.created_at + window_ms))
     return deadline
 
 
@@ -682,6 +693,15 @@ def apply_event(
             for rec in pending:
                 _close(rec, event.user_id, prev_obs, True, transitions, attribution)
             pending = []
+        elif pending:
+            # Slates past their deadline that waited for the session's fate: it goes on (done False),
+            # from the observation at the window's end.
+            window_ms = params.attribution_window_seconds * 1000.0
+            waited = [rec for rec in pending if rec.created_at + window_ms <= t]
+            if waited:
+                for rec in waited:
+                    _close(rec, event.user_id, prev_obs, False, transitions, attribution)
+                pending = [rec for rec in pending if rec.created_at + window_ms > t]
         logged = record.pending_logged
         if logged is not None:  # it waits with done=False
             transitions.append(_replace(logged, done=True) if new_session else logged)
