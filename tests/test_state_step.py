@@ -532,6 +532,12 @@ def test_session_end_closes_recommendations_with_done() -> None:
     _, outputs = run([ev("e2", "click", T0 + MINUTE, "a", session_id="s2")], params, record)
     assert outputs[0].transitions[0] == expected
     assert outputs[0].attribution == ("expired",)
+    # A slate followed by an opportunity is not the session's last: not done when the session ends.
+    went_on, outputs = run([ev("e3", "view", T0 + MINUTE, "b")], params, record)
+    s3 = state_of(outputs[0])
+    _, out = advance_time(went_on, T0 + MINUTE + 1800 * SECOND + 1, params)
+    assert out.transitions[0] == slot("r1", 0, "a", 0.0, s1.observation, s3.observation, False, T0, 1.0)
+    assert out.attribution == ("not_clicked",)
 
 
 def test_a_slate_without_a_next_opportunity_waits_past_its_deadline_for_the_sessions_fate() -> None:

@@ -110,14 +110,14 @@ recommendation for a user without a record creates a provisional record (``appli
   slot: ``transition_id = "<rec_id>:<position>"``, ``obs_tm1``, ``a_tm1`` = item, ``r_t`` = slot
   reward, ``obs_t`` = the stored obs_t or else the current observation, ``rec_id``, ``position``,
   ``propensity``, ``model_version``, ``policy``, ``source = "recommendation"``, ``timestamp =
-  created_at``. ``done`` is whether the session had ended when it closed: True when closed by a
-  session end or expiry; at the deadline, True only if ``deadline - latest_ms > session_gap``. A
-  slate with no opportunity after it (obs_t unset) does not close at its deadline while the session
-  may still go on: it waits until the session's fate is known. The session's end closes it with
-  ``done`` True (the shopper left after the slate: its last transition); the user's next event in
-  the same session closes it with ``done`` False and the observation at that time (the window's
-  end; the event, after the window, is no feedback). So the outcome does not depend on how late
-  after its deadline a timer fires.
+  created_at``. ``done`` is True when the slate was the session's last opportunity: the session
+  ended (gap, new session or expiry) with no opportunity after the slate (obs_t unset). A slate
+  followed by an opportunity is never done: the session went on to obs_t. A slate with no
+  opportunity after it does not close at its deadline while the session may still go on: it waits
+  until the session's fate is known. The session's end closes it with ``done`` True (the shopper
+  left after the slate); the user's next event in the same session closes it with ``done`` False
+  and the observation at that time (the window's end; the event, after the window, is no
+  feedback). So the outcome does not depend on how late after its deadline a timer fires.
 - ``Outputs.attribution`` has one entry per closed slot, in transition order: ``"clicked"`` (the
   slot's reward is > 0), ``"not_clicked"`` (no positive reward, but the user came back to an
   opportunity: obs_t was set) or ``"expired"`` (no positive reward and no opportunity before the
@@ -452,13 +452,18 @@ def _close(
     rec: PendingRecommendation,
     user_id: str,
     current: Observation,
-    done: bool,
+    session_ended: bool,
     transitions: list[Transition],
     attribution: list[str],
 ) -> None:
-    """Append one transition per slot of a closing recommendation, and its attribution outcomes."""
+    """Append one transition per slot of a closing recommendation, and its attribution outcomes.
+
+    ``done`` is set when the slate was the session's last opportunity: the session ended with no
+    opportunity after it.
+    """
     obs_t = current if rec.obs_t is None else rec.obs_t
     came_back = rec.obs_t is not None
+    done = session_ended and not came_back
     for position, (item, propensity, reward) in enumerate(
         zip(rec.items, rec.propensities, rec.rewards, strict=True)
     ):
@@ -505,11 +510,9 @@ def _advance(
     for rec in record.pending:
         deadline = rec.created_at + window_ms
         if session_over:
-            # Ended before its deadline, or with no opportunity after the slate: the session ended.
-            done = deadline > now_ms or rec.obs_t is None or deadline - latest > gap_ms
-            _close(rec, user_id, current, done, transitions, attribution)
-        elif deadline <= now_ms and (rec.obs_t is not None or deadline - latest > gap_ms):
-            _close(rec, user_id, current, deadline - latest > gap_ms, transitions, attribution)
+            _close(rec, user_id, current, True, transitions, attribution)
+        elif deadline <= now_ms and rec.obs_t is not None:
+            _close(rec, user_id, current, False, transitions, attribution)
         else:
             # Before its deadline; or past it with no opportunity since, so whether the session went on
             # is not known yet: the next event in the session (done False) or its end (done True) tells.
