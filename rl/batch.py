@@ -77,6 +77,9 @@ class TransitionBatch:
     discount_t: Array  # (B,) float32: 0 at episode end, else 1; the learner multiplies by gamma
     obs_t: ObsBatch
     weights: Array  # (B,) float32 importance weights, 1 for uniform sampling
+    logged: (
+        Array  # (B,) float32: 1 when a_tm1 is the user's own choice (a logged transition), 0 for a shown slot
+    )
 
     def replace(self, **changes: Any) -> TransitionBatch:
         """A copy with some fields changed (flax provides it; declared here for type checkers)."""
@@ -108,7 +111,7 @@ def check_transition_batch(batch: TransitionBatch) -> None:
         batch.obs_tm1.items.shape,
     )
     assert batch.obs_t.features.shape == batch.obs_tm1.features.shape
-    for name in ("a_tm1", "r_t", "discount_t", "weights"):
+    for name in ("a_tm1", "r_t", "discount_t", "weights", "logged"):
         shape = getattr(batch, name).shape
         assert shape == (size,), f"{name} has shape {shape}, expected ({size},)"
 
@@ -212,8 +215,12 @@ def transition_batch(
     done: Sequence[bool] | np.ndarray,
     obs_t: ObsBatch,
     weights: Sequence[float] | np.ndarray | None = None,
+    logged: Sequence[bool] | np.ndarray | None = None,
 ) -> TransitionBatch:
-    """Build a TransitionBatch (numpy); `done` becomes discount_t = 0, otherwise 1."""
+    """Build a TransitionBatch (numpy); `done` becomes discount_t = 0, otherwise 1.
+
+    `logged` marks the user's own choices (logged transitions) against shown slots; None: all logged.
+    """
     size = obs_tm1.batch_size
     done_array = np.asarray(done, dtype=bool).reshape(size)  # (B,)
     batch = TransitionBatch(
@@ -226,6 +233,11 @@ def transition_batch(
             np.ones((size,), np.float32)
             if weights is None
             else np.asarray(weights, dtype=np.float32).reshape(size)
+        ),
+        logged=(
+            np.ones((size,), np.float32)
+            if logged is None
+            else np.asarray(logged, dtype=bool).reshape(size).astype(np.float32)
         ),
     )
     check_transition_batch(batch)

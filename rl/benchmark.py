@@ -90,6 +90,7 @@ def _random_batches(
             discount_t=(rng.random(batch_size) > 0.1).astype(np.float32),
             obs_t=obs(),
             weights=np.ones((batch_size,), np.float32),
+            logged=np.ones((batch_size,), np.float32),
         )
         for _ in range(count)
     ]

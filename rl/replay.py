@@ -99,6 +99,7 @@ class ReplayBuffer:
         self._a_tm1 = np.zeros((capacity,), np.int32)  # (N,)
         self._r_t = np.zeros((capacity,), np.float32)  # (N,)
         self._discount_t = np.zeros((capacity,), np.float32)  # (N,)
+        self._logged = np.zeros((capacity,), np.float32)  # (N,)
         self._size = 0
         self._next = 0  # slot the next transition is written to
         self._tree = SumTree(capacity) if prioritized else None
@@ -133,6 +134,7 @@ class ReplayBuffer:
         self._a_tm1[slots] = np.asarray(batch.a_tm1)[keep]
         self._r_t[slots] = np.asarray(batch.r_t)[keep]
         self._discount_t[slots] = np.asarray(batch.discount_t)[keep]
+        self._logged[slots] = np.asarray(batch.logged)[keep]
         self._next = int((self._next + count) % self.capacity)
         self._size = min(self.capacity, self._size + count)
         if self._tree is not None:
@@ -156,6 +158,7 @@ class ReplayBuffer:
             discount_t=self._discount_t[indices],
             obs_t=obs("obs_t"),
             weights=weights,
+            logged=self._logged[indices],
         )
 
     def _sample_indices(

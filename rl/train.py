@@ -63,6 +63,10 @@ class LearnerConfig:
     """Weight of SQN's next-item cross-entropy (label a_tm1); 0 disables it."""
     td_weight: float = 1.0
     """Weight of the TD loss; 0 (with sqn_weight > 0) trains a plain supervised next-item model."""
+    split_losses: bool = False
+    """The next-item loss only on logged transitions (batch.logged: the user's own choices) and the TD
+    loss only on the others (shown slots: what showing an item earned); each loss is the mean over its
+    own rows. False: both losses on every transition."""
     weight_decay: float = 0.0
     """Decoupled (AdamW) decay: each update also subtracts learning_rate * weight_decay * w; 0 disables it."""
     weight_decay_scope: Literal["items", "all"] = "items"
@@ -175,6 +179,13 @@ def create_train_state(
         opt_state=opt_state,
         step=jnp.zeros((), jnp.int32),
     )
+
+
+def _mean_over(values: jax.Array, rows: jax.Array | None) -> jax.Array:
+    """Mean of values (B,) over the rows marked 1 in rows (B,); all rows when None; 0 when none marked."""
+    if rows is None:
+        return jnp.mean(values)
+    return jnp.sum(values * rows) / jnp.maximum(jnp.sum(rows), 1.0)
 
 
 def _is_traced(tree: Any) -> bool:
@@ -293,6 +304,9 @@ def update(
     if use_sqn and not network.config.next_item_head:
         raise ValueError("sqn_weight > 0 needs NetworkConfig(next_item_head=True)")
     discount_t = config.gamma * batch.discount_t  # (B,)
+    # Which rows each loss averages over (None: all of them).
+    next_item_rows = batch.logged if config.split_losses else None  # (B,)
+    td_rows = 1.0 - batch.logged if config.split_losses else None  # (B,)
 
     # Bootstrap targets need no gradient, so they are computed outside value_and_grad; without a TD
     # loss they are not needed at all (and over a large catalogue they are most of the work).
@@ -315,20 +329,22 @@ def update(
                 params, batch.obs_tm1, batch.a_tm1, method=QNetwork.q_for_actions_and_next_item_logits
             )  # (B,), (B, A)
             cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, batch.a_tm1)  # (B,)
-            next_item_loss = jnp.mean(batch.weights * cross_entropy)
+            next_item_loss = _mean_over(batch.weights * cross_entropy, next_item_rows)
         else:
             q_tm1_a = network.apply(params, batch.obs_tm1, batch.a_tm1, method=QNetwork.q_for_actions)
             next_item_loss = jnp.zeros((), jnp.float32)
         assert q_tm1_a.shape == (batch_size,), q_tm1_a.shape
         td_error = target_tm1 - q_tm1_a  # (B,)
-        td_loss = jnp.mean(batch.weights * huber_loss(td_error, config.huber_delta))
+        td_loss = _mean_over(batch.weights * huber_loss(td_error, config.huber_delta), td_rows)
         loss = config.td_weight * td_loss + config.sqn_weight * next_item_loss
         aux = {
             "td_loss": td_loss,
             "next_item_loss": next_item_loss,
-            "td_error_abs_mean": jnp.mean(jnp.abs(td_error)),
-            "q_mean": jnp.mean(q_tm1_a),
-            "q_max": jnp.max(q_tm1_a),
+            "td_error_abs_mean": _mean_over(jnp.abs(td_error), td_rows),
+            "q_mean": _mean_over(q_tm1_a, td_rows),
+            "q_max": jnp.max(
+                q_tm1_a if td_rows is None else jnp.where(td_rows > 0, q_tm1_a, jnp.min(q_tm1_a))
+            ),
         }
         return loss, aux
 

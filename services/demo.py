@@ -55,7 +55,7 @@ from services.actor.service import Actor
 from services.actor.step import parse_split
 from services.bus.base import Bus, Producer, Record, TopicPartition
 from services.config import BusConfig, ConfigError, make_bus, register, setting
-from services.learner.config import LearnerServiceConfig, parse_sources
+from services.learner.config import SHOWN_SLOTS, LearnerServiceConfig, parse_sources
 from services.learner.service import Learner
 from services.learner.tabular import TABULAR_MODEL, TabularLearner, TabularLearnerConfig, model_topic_spec
 from services.metrics import serve_metrics
@@ -87,6 +87,15 @@ class DemoConfig(BusConfig):
     shoppers: int = setting(300, help="simulated shoppers")
     items: int = setting(300, help="items in the simulated catalogue")
     sessions_per_minute: float = setting(20.0, help="shopping sessions starting per simulated minute")
+    clickbait_share: float = setting(
+        0.0,
+        help="share of clickbait items (simulator --clickbait-share): more appealing than they are worth, "
+        "so a shopper who opens one may leave; a myopic policy favours them, a long-run one should not",
+    )
+    clickbait_appeal: float = setting(1.0, help="utility clickbait items gain in every shopper's eyes")
+    clickbait_exit_probability: float = setting(
+        0.3, help="chance that a shopper leaves right after viewing or clicking a clickbait item"
+    )
     tick_seconds: float = setting(30.0, help="simulated seconds per step of the loop")
     report_every_minutes: float = setting(20.0, help="simulated minutes per point of the report's curves")
     policies: str = setting(DEFAULT_POLICIES, help="A/B split of the shoppers (policy=share,...)")
@@ -118,6 +127,16 @@ class DemoConfig(BusConfig):
         help="transition sources the DQN and the bandit learn from (learner --sources): logged (each "
         "shopper's own interactions, clicks on slates included), recommendation (every shown slot, "
         "whose next-item label is the item shown, not chosen) or both",
+    )
+    split_losses: bool = setting(
+        False,
+        help="the DQN's and the bandit's next-item head learns only from logged transitions and Q only "
+        "from shown slots (learner --split-losses)",
+    )
+    shown_slots: str = setting(
+        "all",
+        help="shown-slot transitions the DQN and the bandit learn from: all, or clicked (SlateQ's value of "
+        "an item given it is clicked; learner --shown-slots)",
     )
     seed: int = setting(7, help="seed of the simulated shop")
     processes: bool = setting(
@@ -162,6 +181,10 @@ class DemoConfig(BusConfig):
         if not 0.0 <= self.gamma < 1.0:
             raise ConfigError(f"gamma must be in [0, 1), got {self.gamma}")
         parse_sources(self.learn_from)
+        if self.shown_slots not in SHOWN_SLOTS:
+            raise ConfigError(
+                f"shown_slots must be one of {', '.join(SHOWN_SLOTS)}, got {self.shown_slots!r}"
+            )
         if self.serve_next_item_weight != 0.0 and self.sqn_weight <= 0:
             raise ConfigError("serve_next_item_weight needs the next-item head: set sqn_weight > 0")
         if self.serve_q_weight == 0.0 and self.serve_next_item_weight == 0.0:
@@ -264,6 +287,9 @@ class ClosedLoop(abc.ABC):
                 num_items=config.items,
                 num_users=shoppers,
                 session_start_rate_per_minute=config.sessions_per_minute,
+                clickbait_share=config.clickbait_share,
+                clickbait_appeal=config.clickbait_appeal,
+                clickbait_exit_probability=config.clickbait_exit_probability,
                 seed=config.seed,
             )
         )
@@ -533,6 +559,8 @@ def learner_config(config: DemoConfig, *, gamma: float, **overrides: Any) -> Lea
         target_update_period=config.target_update_period,
         sqn_weight=config.sqn_weight,
         sources=config.learn_from,
+        split_losses=config.split_losses,
+        shown_slots=config.shown_slots,
         # Q sums discounted rewards, about 1 / (1 - gamma) steps' worth: in per-step units the
         # DQN's and the bandit's values weigh alike against the next-item logit.
         serve_q_weight=config.serve_q_weight * (1.0 - gamma),
@@ -582,6 +610,9 @@ def policy_results(demo: ClosedLoop) -> dict[str, dict[str, Any]]:
         exposure = demo.exposure.get(group, np.zeros((len(catalogue.item_ids),), np.int64))
         report = exposure_report(exposure, catalogue.brand, demo.sim.config.num_brands, demo.organic_views)
         numbers.update(asdict(report))
+        shown = int(exposure.sum())
+        # Share of the group's recommended slots that went to clickbait (0 in a shop without any).
+        numbers["clickbait_exposure"] = float(exposure[catalogue.clickbait].sum()) / shown if shown else 0.0
     return results
 
 

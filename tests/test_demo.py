@@ -23,7 +23,7 @@ from services.config import ConfigError
 from services.demo import DemoConfig, DemoMetrics, run_demo, sparkline
 from services.learner.config import LearnerServiceConfig, parse_sources
 from services.learner.service import Learner
-from services.learner.trainer import Trainer, load_bundle, serving_params
+from services.learner.trainer import Trainer, learner_config_for, load_bundle, serving_params
 from services.state_builder.step import FEATURE_DIM
 from services.topics import SOURCE_HEADER
 
@@ -173,7 +173,7 @@ def test_serve_weights_and_sources_are_checked_at_start_up() -> None:
     assert LearnerServiceConfig(sources=" logged ").source_set() == {"logged"}
 
 
-def _transition(tid: str, source: str) -> Transition:
+def _transition(tid: str, source: str, r_t: float = 1.0) -> Transition:
     obs = Observation(
         recent_items=["i1"],
         recent_event_types=["view"],
@@ -186,7 +186,7 @@ def _transition(tid: str, source: str) -> Transition:
         source=source,  # type: ignore[arg-type]
         obs_tm1=obs,
         a_tm1="i2",
-        r_t=1.0,
+        r_t=r_t,
         obs_t=obs,
         done=False,
         timestamp=1000,
@@ -250,6 +250,57 @@ def test_learner_learns_only_from_its_sources(tmp_path: Path) -> None:
         if sample.name == "qrec_dead_letters_total"
     ]
     assert sum(dead_letters) == 0, "the skipped record was never decoded"
+    learner.close()
+
+
+@pytest.mark.timeout(120)
+def test_learner_with_clicked_shown_slots_learns_clicked_slots_and_logged_rows_with_their_roles(
+    tmp_path: Path,
+) -> None:
+    bus = EmbeddedBus()
+    registry = CollectorRegistry()
+    config = LearnerServiceConfig(
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        partitions=1,
+        vocabulary_capacity=50,
+        embed_dim=4,
+        hidden_sizes="8",
+        batch_size=4,
+        min_replay_size=100,
+        shown_slots="clicked",
+        split_losses=True,
+        sqn_weight=1.0,
+    )
+    assert learner_config_for(config).split_losses
+    with pytest.raises(ConfigError, match="shown_slots must be one of all, clicked"):
+        LearnerServiceConfig(shown_slots="some")
+    learner = Learner(config, bus, registry)
+    producer = bus.producer()
+    for transition in [
+        _transition("r:0", "recommendation", 0.0),
+        _transition("r:1", "recommendation", 1.0),
+        _transition("logged:1", "logged", 1.0),
+        _transition("r:2", "recommendation", 0.0),
+        _transition("r:3", "recommendation", 13.0),
+        _transition("logged:2", "logged", 0.0),  # logged rows are kept whatever their reward
+    ]:
+        producer.send(config.transitions_topic, b"u1", encode(transition))
+    producer.flush()
+    while learner.poll_once(timeout_s=0.01):
+        pass
+    buffer = learner.trainer.buffer
+    assert learner.learned == 4 and len(buffer) == 4
+    assert registry.get_sample_value("qrec_learner_skipped_unclicked_transitions_total") == 2
+    stored = buffer.sample(64, np.random.default_rng(0))[0]
+    # The buffer keeps which rows are logged (next-item loss) and which are shown slots (TD loss).
+    assert sorted(
+        {(float(r), float(logged)) for r, logged in zip(stored.r_t, stored.logged, strict=True)}
+    ) == [
+        (0.0, 1.0),
+        (1.0, 0.0),
+        (1.0, 1.0),
+        (13.0, 0.0),
+    ]
     learner.close()
 
 

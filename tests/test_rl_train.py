@@ -518,3 +518,47 @@ def test_next_item_prior_sets_the_bias_to_centred_log_counts() -> None:
     )
     with pytest.raises(ValueError, match="actions"):
         with_next_item_prior(state, [SEQUENCE_NETWORK.num_actions])
+
+
+def test_split_losses_learn_the_next_item_from_logged_rows_and_q_from_shown_slots() -> None:
+    rng = np.random.default_rng(3)
+    full = sequence_batch(window=3, num_items=SEQUENCE_ITEMS)
+    size = full.batch_size
+    logged = np.arange(size) % 2 == 0  # (B,)
+    batch = full.replace(
+        r_t=rng.normal(size=size).astype(np.float32),
+        discount_t=(rng.random(size) > 0.3).astype(np.float32),
+        logged=logged.astype(np.float32),
+    )
+    network = QNetwork(SEQUENCE_NETWORK)
+    joint = LearnerConfig(sqn_weight=1.0, learning_rate=1e-2)
+    split = dataclasses.replace(joint, split_losses=True)
+    state = create_train_state(SEQUENCE_NETWORK, split, batch.obs_tm1, jax.random.key(0))
+
+    def rows(mask: np.ndarray) -> TransitionBatch:
+        return jax.tree.map(lambda leaf: np.asarray(leaf)[mask], batch)
+
+    _, metrics = update_jit(state, batch, network=network, config=split)
+    _, on_logged = update_jit(state, rows(logged), network=network, config=joint)
+    _, on_shown = update_jit(state, rows(~logged), network=network, config=joint)
+    # Each loss is the plain mean over its own rows.
+    assert float(metrics["next_item_loss"]) == pytest.approx(float(on_logged["next_item_loss"]), rel=1e-5)
+    assert float(metrics["td_loss"]) == pytest.approx(float(on_shown["td_loss"]), rel=1e-5)
+    assert float(metrics["q_mean"]) == pytest.approx(float(on_shown["q_mean"]), rel=1e-5)
+    assert float(metrics["loss"]) == pytest.approx(
+        float(on_shown["td_loss"]) + float(on_logged["next_item_loss"]), rel=1e-5
+    )
+    # The rewards of logged rows no longer move the parameters; those of shown slots do.
+    relabelled = np.asarray(batch.r_t) + np.where(logged, 5.0, 0.0).astype(np.float32)
+    assert trees_equal(
+        update_jit(state, batch, network=network, config=split)[0].params,
+        update_jit(state, batch.replace(r_t=relabelled), network=network, config=split)[0].params,
+    )
+    shown_changed = np.asarray(batch.r_t) + np.where(logged, 0.0, 5.0).astype(np.float32)
+    assert not trees_equal(
+        update_jit(state, batch, network=network, config=split)[0].params,
+        update_jit(state, batch.replace(r_t=shown_changed), network=network, config=split)[0].params,
+    )
+    # Without the split, every row is in both losses.
+    _, unsplit = update_jit(state, batch, network=network, config=joint)
+    assert float(unsplit["next_item_loss"]) != pytest.approx(float(on_logged["next_item_loss"]), rel=1e-5)

@@ -358,3 +358,101 @@ def test_env_observation_layout() -> None:
     assert math.isclose(float(obs[c + 2] ** 2 + obs[c + 3] ** 2), 1.0, rel_tol=1e-5)
     assert math.isclose(float(obs[c + 11 : 2 * c + 11].sum()), 1.0, rel_tol=1e-5)
     assert np.argmax(obs[:c]) == np.argmax(obs[c + 11 : 2 * c + 11])
+
+
+def test_clickbait_off_leaves_the_shop_as_it_was_and_on_marks_exactly_its_share() -> None:
+    plain = ShopperSimulator(SimulatorConfig(num_items=200, seed=5))
+    off = ShopperSimulator(
+        SimulatorConfig(num_items=200, seed=5, clickbait_appeal=3.0, clickbait_exit_probability=1)
+    )
+    on = ShopperSimulator(SimulatorConfig(num_items=200, seed=5, clickbait_share=0.15))
+    assert not plain.catalogue.clickbait.any() and not off.catalogue.clickbait.any()
+    assert int(on.catalogue.clickbait.sum()) == 30
+    # The clickbait draw has a stream of its own: every other part of the catalogue is unchanged.
+    np.testing.assert_array_equal(on.catalogue.price, plain.catalogue.price)
+    np.testing.assert_array_equal(on.catalogue.features, plain.catalogue.features)
+    # Without clickbait items, its other settings change nothing.
+    assert _closed_loop(plain, 20) == _closed_loop(off, 20)
+    # Its worth is not its appeal: true utilities leave the appeal out.
+    user = on.user_ids[0]
+    np.testing.assert_allclose(on.true_utilities(user, START), plain.true_utilities(user, START))
+
+
+def _clickbait_shop(
+    exit_probability: float, no_click_utility: float = 5.0
+) -> tuple[ShopperSimulator, str, str]:
+    config = SimulatorConfig(
+        no_click_utility=no_click_utility,
+        num_items=50,
+        num_users=400,
+        clickbait_share=0.2,
+        clickbait_appeal=1.5,
+        clickbait_exit_probability=exit_probability,
+        ignored_slate_exit_probability=0.0,
+        session_start_rate_per_minute=0,
+        seed=11,
+    )
+    sim = ShopperSimulator(config)
+    bait = sim.item_ids[int(np.flatnonzero(sim.catalogue.clickbait)[0])]
+    honest = sim.item_ids[int(np.flatnonzero(~sim.catalogue.clickbait)[0])]
+    return sim, bait, honest
+
+
+def test_clickbait_is_clicked_more_than_its_worth_and_the_oracle_knows() -> None:
+    """P(click) = sigmoid(worth + appeal - no_click_utility); the cart chance follows the worth."""
+    sim, bait, _ = _clickbait_shop(0.0)
+    user = sim.user_ids[0]
+    sim.start_session(user, START)
+    sim.step_session(user)
+    index = sim.item_index(bait)
+    assert index is not None
+    worth = float(sim.true_utilities(user, START)[index])
+    expected = 1.0 / (1.0 + math.exp(sim.config.no_click_utility - worth - 1.5))
+    trials = 20_000
+    clicks = sum(bool(sim.respond(_rec(f"r{i}", user, [bait]), START)) for i in range(trials))
+    assert abs(clicks / trials - expected) < 4 * math.sqrt(expected * (1 - expected) / trials) + 1e-3
+    liking = 1.0 / (1.0 + math.exp(sim.config.no_click_utility - worth))
+    assert expected > 2 * liking  # the appeal is worth clicks, not carts
+    cfg = sim.config
+    price_term = sim._sensitivity[0] * sim.catalogue.log_price_relative[index]
+    p_buy = cfg.purchase_probability_scale / (1.0 + math.exp(cfg.no_click_utility + price_term - worth))
+    after_click = (
+        REWARD_WEIGHTS["click"]
+        + REWARD_WEIGHTS["favorite"] * cfg.favorite_probability * liking
+        + cfg.cart_probability_scale
+        * liking
+        * (REWARD_WEIGHTS["add_to_cart"] + REWARD_WEIGHTS["purchase"] * p_buy)
+    )
+    value = sim.expected_click_rewards(user, START)[index]
+    assert value == pytest.approx(cfg.slate_examine_probability * expected * after_click, rel=1e-9)
+
+
+@pytest.mark.parametrize("exit_probability", [0.0, 0.5, 1.0])
+def test_a_click_on_recommended_clickbait_ends_the_session_with_its_exit_chance(
+    exit_probability: float,
+) -> None:
+    sim, bait, honest = _clickbait_shop(exit_probability, no_click_utility=-20.0)
+    ended = {bait: 0, honest: 0}
+    clicked = {bait: 0, honest: 0}
+    for n, user in enumerate(sim.user_ids):
+        item = bait if n % 2 else honest
+        sim.start_session(user, START)
+        sim.step_session(user)
+        # An always-examined single item against a worthless outside option: always clicked.
+        response = sim.respond(_rec(f"r{n}", user, [item]), START)
+        if not response or response[0].event_type != "click":
+            continue
+        clicked[item] += 1
+        session = sim._sessions[sim.user_ids.index(user)]
+        ended[item] += session.remaining_actions == 0
+        sim.end_session(user)
+    assert clicked[bait] > 100 and clicked[honest] > 50
+    assert ended[honest] <= 0.45 * clicked[honest]  # Poisson(1) extension: zero left about 1/e of the time
+    share = ended[bait] / clicked[bait]
+    if exit_probability == 1.0:
+        assert share == 1.0
+    else:
+        # Left with nothing: let down, or (otherwise) no actions left and no extension drawn.
+        base = ended[honest] / clicked[honest]
+        expected = exit_probability + (1 - exit_probability) * base
+        assert abs(share - expected) < 4 * math.sqrt(expected * (1 - expected) / clicked[bait]) + 0.05

@@ -14,6 +14,9 @@ ACTION_GRANULARITIES = ("item", "category", "brand")
 TRANSITION_SOURCES = ("recommendation", "logged")
 
 
+SHOWN_SLOTS = ("all", "clicked")
+
+
 def parse_sources(text: str) -> frozenset[str]:
     """'recommendation, logged' -> the set of transition sources; a ConfigError names the setting."""
     sources = frozenset(part.strip() for part in text.split(",") if part.strip())
@@ -60,6 +63,11 @@ class ModelSettings:
     target_update_period: int = setting(500, help="updates between hard target copies")
     polyak_tau: float = setting(0.005, help="blend weight per update with --target-update polyak")
     sqn_weight: float = setting(0.0, help="weight of the SQN next-item loss (0 disables the head)")
+    split_losses: bool = setting(
+        False,
+        help="learn the next-item head only from logged transitions (the user's own choices) and Q only "
+        "from shown slots (what showing an item earned); off: both losses on every transition",
+    )
     serve_q_weight: float = setting(
         1.0, help="weight of Q(s, a) in the score the published model ranks items by"
     )
@@ -136,6 +144,12 @@ class LearnerServiceConfig(ModelSettings, BusConfig):
         help="transition sources to learn from, comma-separated: recommendation (the feedback on shown "
         "slates) and logged (each organic interaction as the user's own action); others are skipped",
     )
+    shown_slots: str = setting(
+        "all",
+        help="which shown-slot (recommendation) transitions to learn from: all, or clicked (only the slots "
+        "the user clicked, r > 0: Q becomes an item's value given it is clicked, as in SlateQ, and the "
+        "slot's own future is not blurred by the slate's unclicked items)",
+    )
     replay_ratio: float = setting(
         4.0, help="times each consumed transition is replayed on average (sampled per consumed)"
     )
@@ -152,6 +166,10 @@ class LearnerServiceConfig(ModelSettings, BusConfig):
         if self.replay_ratio <= 0:
             raise ConfigError(f"replay_ratio must be > 0, got {self.replay_ratio}")
         self.source_set()
+        if self.shown_slots not in SHOWN_SLOTS:
+            raise ConfigError(
+                f"shown_slots must be one of {', '.join(SHOWN_SLOTS)}, got {self.shown_slots!r}"
+            )
 
     def source_set(self) -> frozenset[str]:
         """The transition sources learned from."""

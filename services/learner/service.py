@@ -60,6 +60,11 @@ class LearnerMetrics(ProcessMetrics):
             ["source"],
             registry=registry,
         )
+        self.skipped_unclicked = Counter(
+            "qrec_learner_skipped_unclicked_transitions_total",
+            "Shown-slot transitions not learned because the slot was not clicked (--shown-slots clicked)",
+            registry=registry,
+        )
         self.unusable = Counter(
             "qrec_learner_unusable_transitions_total",
             "Transitions skipped because they lack the action at the model's granularity",
@@ -208,6 +213,7 @@ class Learner:
         self.checkpoint_dir = Path(config.checkpoint_dir)
         self.trainer = Trainer(config, FEATURE_DIM)
         self.sources = config.source_set()
+        self.clicked_slots_only = config.shown_slots == "clicked"
         self.version = 0
         self.learned = 0  # transitions consumed into the buffer over the model's whole life
         self.offsets: dict[TopicPartition, int] = {}
@@ -292,7 +298,7 @@ class Learner:
                 if self._other_source(record) is not None:
                     continue
                 message = TRANSITIONS.decode(record.value)
-                if isinstance(message, Transition) and message.source in self.sources:
+                if isinstance(message, Transition) and self._learns(message):
                     batch.append(message)
             remaining = {tp for tp in remaining if self.consumer.position(tp) < self.offsets.get(tp, 0)}
         seen = self.trainer.seen_ids.copy()
@@ -391,12 +397,21 @@ class Learner:
             transitions.append(message)
         return transitions
 
+    def _learns(self, transition: Transition) -> bool:
+        """Whether the learner learns from a transition: its source is in --sources and, with
+        --shown-slots clicked, a shown slot was clicked (r > 0)."""
+        if transition.source not in self.sources:
+            return False
+        return transition.source != "recommendation" or not self.clicked_slots_only or transition.r_t > 0
+
     def _learned_sources(self, transitions: list[Transition]) -> list[Transition]:
-        """The transitions whose source the learner learns from; the others are counted by source."""
+        """The transitions the learner learns from; the others are counted by source."""
         kept = []
         for transition in transitions:
-            if transition.source in self.sources:
+            if self._learns(transition):
                 kept.append(transition)
+            elif transition.source in self.sources:
+                self.metrics.skipped_unclicked.inc()
             else:
                 self.metrics.skipped_sources.labels(transition.source).inc()
         return kept

@@ -73,6 +73,7 @@ def learner_config_for(settings: ModelSettings) -> LearnerConfig:
         target_update_period=settings.target_update_period,
         polyak_tau=settings.polyak_tau,
         sqn_weight=settings.sqn_weight,
+        split_losses=settings.split_losses,
         seed=settings.seed,
     )
 
@@ -221,6 +222,7 @@ class Trainer:
             discount_t=np.asarray([0.0 if t.done else 1.0 for t in transitions], np.float32),
             obs_t=obs_t,
             weights=np.ones((len(transitions),), np.float32),
+            logged=np.asarray([t.source == "logged" for t in transitions], np.float32),
         )
 
     # -- learning ---------------------------------------------------------------------------------

@@ -104,6 +104,20 @@ class SimulatorConfig:
         0.05, help="chance that a shopper who ignores a slate ends the session"
     )
 
+    # Clickbait: the long-run lever a myopic policy cannot see.
+    clickbait_share: float = setting(
+        0.0,
+        help="share of items that are clickbait: more appealing than they are worth, so a shopper who "
+        "opens one may leave the shop (0: none)",
+    )
+    clickbait_appeal: float = setting(
+        1.0, help="utility a clickbait item gains in every shopper's eyes (it is viewed and clicked more)"
+    )
+    clickbait_exit_probability: float = setting(
+        0.3,
+        help="chance that a shopper ends the session right after viewing or clicking a clickbait item",
+    )
+
     seed: int = setting(0, help="seed of the catalogue, the shoppers, the drift and the behaviour")
 
     def __post_init__(self) -> None:
@@ -126,6 +140,7 @@ class SimulatorConfig:
         non_negative = (
             "category_price_spread",
             "item_price_spread",
+            "clickbait_appeal",
             "quality_scale",
             "session_start_rate_per_minute",
             "price_sensitivity_min",
@@ -147,6 +162,8 @@ class SimulatorConfig:
             "purchase_probability_scale",
             "favorite_probability",
             "ignored_slate_exit_probability",
+            "clickbait_share",
+            "clickbait_exit_probability",
         )
         for name in probabilities:
             if not 0.0 <= getattr(self, name) <= 1.0:

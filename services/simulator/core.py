@@ -48,6 +48,12 @@ items and the no-click option by a softmax of utilities vs ``no_click_utility``.
 followed by a favorite, an add_to_cart and then a purchase, each about ``response_delay_seconds``
 later; all carry the recommendation's ``rec_id``. A click adds Poisson(``click_session_extension``)
 actions to the session; an ignored slate ends it with chance ``ignored_slate_exit_probability``.
+A share of the items (``clickbait_share``, none by default) is clickbait: in every shopper's eyes it
+has ``clickbait_appeal`` more utility than it is worth, so it is viewed and clicked more, while the
+favorite, cart and purchase chances follow its worth. A shopper who clicks a *recommended* clickbait
+item is let down by the shop's suggestion and leaves (the session ends, the click's extension is
+not drawn) with chance ``clickbait_exit_probability``. That cost comes after the reward, so a
+myopic policy, the oracle included, cannot see it: it is the long-run lever of the shop.
 Responses start after the shopper's last event, and the shopper's next action waits until after the
 response, so each shopper's events are in time order; a response can however be later than events
 of other shoppers that a later ``advance`` returns.
@@ -79,6 +85,7 @@ _MS_PER_DAY = 86_400_000.0
 _MIN_PREFERENCE = 1e-3
 _UNIFORM_BATCH = 4096
 _DRIFT_STREAM = 2  # spawn key of the drift shocks, apart from the world and behaviour streams
+_CLICKBAIT_STREAM = 3  # spawn key of the choice of clickbait items
 _COUNTERS = ("recommendations", "shown", "clicks", "favorites", "carts", "purchases", "reward")
 
 
@@ -102,6 +109,7 @@ class Catalogue:
     quality: np.ndarray  # (num_items,) float
     features: np.ndarray  # (num_items, taste_dim) float
     log_price_relative: np.ndarray  # (num_items,) log(price) - mean log(price)
+    clickbait: np.ndarray  # (num_items,) bool
 
 
 def make_catalogue(config: SimulatorConfig, rng: np.random.Generator) -> Catalogue:
@@ -116,6 +124,10 @@ def make_catalogue(config: SimulatorConfig, rng: np.random.Generator) -> Catalog
     # Scaled so taste . features is about unit variance for unit-normal tastes.
     features = rng.standard_normal((n, config.taste_dim)) / math.sqrt(config.taste_dim)
     log_p = np.log(price)
+    # From a stream of its own, so the clickbait settings leave every other draw as it was.
+    clickbait_rng = np.random.default_rng(np.random.SeedSequence(config.seed, spawn_key=(_CLICKBAIT_STREAM,)))
+    clickbait = np.zeros((n,), bool)  # (num_items,)
+    clickbait[clickbait_rng.permutation(n)[: round(config.clickbait_share * n)]] = True
     return Catalogue(
         item_ids=tuple(f"sku-{i:0{max(5, len(str(n - 1)))}d}" for i in range(n)),
         category_ids=tuple(f"cat-{i:0{max(2, len(str(c - 1)))}d}" for i in range(c)),
@@ -126,6 +138,7 @@ def make_catalogue(config: SimulatorConfig, rng: np.random.Generator) -> Catalog
         quality=quality,
         features=features,
         log_price_relative=log_p - log_p.mean(),
+        clickbait=clickbait,
     )
 
 
@@ -185,6 +198,10 @@ class ShopperSimulator:
         self._item_category = [catalogue.category_ids[k] for k in catalogue.category]
         self._item_brand = [catalogue.brand_ids[k] for k in catalogue.brand]
         self._item_price = [float(p) for p in catalogue.price]
+        self._clickbait: list[bool] = catalogue.clickbait.tolist()
+        # (num_items,) what clickbait adds to an item's pull on the eye (views, clicks), not to its worth.
+        self._appeal = config.clickbait_appeal * catalogue.clickbait
+        self._appeal_list: list[float] = self._appeal.tolist()
         self._items_by_category = [np.flatnonzero(catalogue.category == k) for k in range(c)]
         self._examine = self._examine_probabilities(64)
         self._examine_list: list[float] = self._examine.tolist()
@@ -244,14 +261,16 @@ class ShopperSimulator:
     def expected_click_rewards(self, user_id: str, now_ms: int) -> np.ndarray:
         """Expected reward of showing each item alone at the top of a slate; (num_items,).
 
-        P(click) * E[reward | click] with P(click) = sigmoid(utility - no_click_utility) times the
-        top position's examination chance, and the reward of the click, favorite, cart and purchase
-        that may follow it (REWARD_WEIGHTS).
+        P(click) * E[reward | click] with P(click) = sigmoid(utility + clickbait appeal -
+        no_click_utility) times the top position's examination chance, and the reward of the click,
+        favorite, cart and purchase that may follow it (REWARD_WEIGHTS), which follow the worth
+        (utility) alone. What a click on clickbait costs later is not in it: this is myopic.
         """
         cfg = self.config
         utilities = self.true_utilities(user_id, now_ms)  # (num_items,)
         margin = utilities - cfg.no_click_utility
         liking = 1.0 / (1.0 + np.exp(-margin))  # (num_items,)
+        p_click = 1.0 / (1.0 + np.exp(-(margin + self._appeal)))  # (num_items,) clickbait is clicked more
         buy_margin = margin - self._sensitivity[self._user(user_id)] * self.catalogue.log_price_relative
         p_buy = cfg.purchase_probability_scale / (1.0 + np.exp(-buy_margin))  # (num_items,)
         w = REWARD_WEIGHTS
@@ -260,7 +279,7 @@ class ShopperSimulator:
             + w["favorite"] * cfg.favorite_probability * liking
             + cfg.cart_probability_scale * liking * (w["add_to_cart"] + w["purchase"] * p_buy)
         )
-        return cfg.slate_examine_probability * liking * reward_of_click
+        return cfg.slate_examine_probability * p_click * reward_of_click
 
     def oracle_slate(self, user_id: str, k: int, now_ms: int, exclude: Iterable[str] = ()) -> list[str]:
         """The myopic oracle: the k items of highest expected immediate reward, best first.
@@ -299,7 +318,8 @@ class ShopperSimulator:
         if session.utilities is None or session.utilities_step != self._drift_index:
             utilities = self._base_utilities(session.user, self._logits[session.user])
             utilities[self._items_by_category[session.intent]] += self.config.session_intent_bonus
-            browse = np.exp((utilities - utilities.max()) / self.config.browse_temperature)
+            appealing = utilities + self._appeal  # clickbait draws the eye beyond its worth
+            browse = np.exp((appealing - appealing.max()) / self.config.browse_temperature)
             session.utilities = utilities
             session.browse_cdf = np.cumsum(browse)
             session.utilities_step = self._drift_index
@@ -563,6 +583,18 @@ class ShopperSimulator:
         session.on_screen, session.on_screen_open = item, True
         return self._event(session, "view", time_ms, item)
 
+    def _maybe_let_down(self, session: _Session, item: int) -> bool:
+        """A shopper who clicked a recommended clickbait item leaves, with chance clickbait_exit_probability.
+
+        The shop's own suggestion let them down. The session ends one think time later, unless a
+        slate shown before then wins them back. Draws nothing for other items, so without clickbait
+        the behaviour is as before.
+        """
+        if self._clickbait[item] and self._uniform() < self.config.clickbait_exit_probability:
+            session.remaining_actions = 0
+            return True
+        return False
+
     def _checkout(self, session: _Session, time_ms: int, utilities: np.ndarray) -> ClickEvent:
         cfg = self.config
         item = session.cart[0]
@@ -622,7 +654,8 @@ class ShopperSimulator:
                 candidates.append(item)
         choice = -1
         if candidates:
-            values = [float(utilities[item]) for item in candidates]
+            appeal = self._appeal_list
+            values = [float(utilities[item]) + appeal[item] for item in candidates]
             top = max(cfg.no_click_utility, *values)
             weights = [math.exp(v - top) for v in values]
             draw = self._uniform() * (math.exp(cfg.no_click_utility - top) + sum(weights))
@@ -667,7 +700,8 @@ class ShopperSimulator:
                 session.cart_rec_ids[choice] = rec.rec_id
         stats["reward"] += reward
         session.on_screen, session.on_screen_open = choice, False
-        session.remaining_actions += self._poisson(cfg.click_session_extension)
+        if not self._maybe_let_down(session, choice):
+            session.remaining_actions += self._poisson(cfg.click_session_extension)
         next_action_ms = time_ms + self._gap_ms(cfg.think_time_seconds)
         # Never before what advance() already returned, so its output stays in time order.
         self._schedule(session, next_action_ms if session.manual else max(next_action_ms, self.now_ms))
