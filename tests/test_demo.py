@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -193,11 +194,9 @@ def _transition(tid: str, source: str, r_t: float = 1.0) -> Transition:
     )
 
 
-@pytest.mark.timeout(120)
-def test_learner_learns_only_from_its_sources(tmp_path: Path) -> None:
-    bus = EmbeddedBus()
-    registry = CollectorRegistry()
-    config = LearnerServiceConfig(
+def _small_learner_config(tmp_path: Path, **changes: Any) -> LearnerServiceConfig:
+    """A tiny learner that never trains in these tests (min_replay_size 100), with its own settings."""
+    return LearnerServiceConfig(
         checkpoint_dir=str(tmp_path / "ckpt"),
         partitions=1,
         vocabulary_capacity=50,
@@ -205,8 +204,15 @@ def test_learner_learns_only_from_its_sources(tmp_path: Path) -> None:
         hidden_sizes="8",
         batch_size=4,
         min_replay_size=100,
-        sources="logged",
+        **changes,
     )
+
+
+@pytest.mark.timeout(120)
+def test_learner_learns_only_from_its_sources(tmp_path: Path) -> None:
+    bus = EmbeddedBus()
+    registry = CollectorRegistry()
+    config = _small_learner_config(tmp_path, sources="logged")
     learner = Learner(config, bus, registry)
     producer = bus.producer()
     for tid, source in [
@@ -259,18 +265,7 @@ def test_learner_with_clicked_shown_slots_learns_clicked_slots_and_logged_rows_w
 ) -> None:
     bus = EmbeddedBus()
     registry = CollectorRegistry()
-    config = LearnerServiceConfig(
-        checkpoint_dir=str(tmp_path / "ckpt"),
-        partitions=1,
-        vocabulary_capacity=50,
-        embed_dim=4,
-        hidden_sizes="8",
-        batch_size=4,
-        min_replay_size=100,
-        shown_slots="clicked",
-        split_losses=True,
-        sqn_weight=1.0,
-    )
+    config = _small_learner_config(tmp_path, shown_slots="clicked", split_losses=True, sqn_weight=1.0)
     assert learner_config_for(config).split_losses
     with pytest.raises(ConfigError, match="shown_slots must be one of all, clicked"):
         LearnerServiceConfig(shown_slots="some")
