@@ -7,6 +7,7 @@ on a shared two-core machine absolute numbers move by 15-25% between runs, ratio
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import random
 import tempfile
@@ -25,6 +26,8 @@ from services.bus.base import TopicPartition
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TAOBAO = SHARED_DATA / "taobao_userbehavior_head" / "UserBehavior_head.csv"
+
+log = logging.getLogger(__name__)
 
 
 def synthetic_events(count: int, seed: int = 7) -> list[ClickEvent]:
@@ -367,18 +370,21 @@ def bench_actor_latency(quick: bool, servers: str, kafka_client: str = "kafka-py
     from schemas.messages import Recommendation
     from services.bus.base import TopicSpec
     from services.bus.kafka import KafkaBus, KafkaSettings
+    from services.ops.status import scrape, total
+    from services.ops.supervisor import free_port
 
     if kafka_client == "confluent":
         from services.bus.confluent import ConfluentBus
 
     suffix = uuid.uuid4().hex[:8]
     names = {
-        n: f"bench.lat.{n}.{suffix}" for n in ("clicks", "recs", "state", "transitions", "dead", "model")
+        n: f"bench.lat.{n}.{suffix}"
+        for n in ("clicks", "recs", "state", "transitions", "dead", "model", "hop")
     }
     settings = KafkaSettings(bootstrap_servers=servers)
     bus = ConfluentBus(settings) if kafka_client == "confluent" else KafkaBus(settings)
     bus.create_topics(
-        [TopicSpec(names[n], 6) for n in ("clicks", "recs", "transitions")]
+        [TopicSpec(names[n], 6) for n in ("clicks", "recs", "transitions", "hop")]
         + [
             TopicSpec(names["state"], 6, {"cleanup.policy": "compact"}),
             TopicSpec(names["dead"], 1),
@@ -393,6 +399,13 @@ def bench_actor_latency(quick: bool, servers: str, kafka_client: str = "kafka-py
         f"--dead-letter-topic={names['dead']}",
         "--no-create-topics",
     ]
+    rate = 1000.0
+    seconds = 5.0 if quick else 20.0
+    # The floor first, on a quiet machine: one produce -> consume hop through the same broker with the
+    # same client at the same load. The pipeline crosses the broker three times (event, user state,
+    # recommendation), so no service could bring its latency below about three of these.
+    hop = _hop_latencies(bus, names["hop"], rate, seconds)
+    ports = {"state_builder": free_port(), "actor": free_port()}
     processes = [
         subprocess.Popen(
             [
@@ -400,6 +413,7 @@ def bench_actor_latency(quick: bool, servers: str, kafka_client: str = "kafka-py
                 "-m",
                 "services.state_builder",
                 *common,
+                f"--metrics-port={ports['state_builder']}",
                 f"--clickstream-topic={names['clicks']}",
                 f"--recommendations-topic={names['recs']}",
                 f"--user-state-topic={names['state']}",
@@ -416,6 +430,7 @@ def bench_actor_latency(quick: bool, servers: str, kafka_client: str = "kafka-py
                 "-m",
                 "services.actor",
                 *common,
+                f"--metrics-port={ports['actor']}",
                 f"--user-state-topic={names['state']}",
                 f"--recommendations-topic={names['recs']}",
                 f"--model-topic={names['model']}",
@@ -426,8 +441,6 @@ def bench_actor_latency(quick: bool, servers: str, kafka_client: str = "kafka-py
             stderr=subprocess.DEVNULL,
         ),
     ]
-    rate = 1000.0
-    seconds = 5.0 if quick else 20.0
     warmup = 3.0
     sent_at: dict[str, float] = {}  # event id -> wall-clock seconds when produced
     latencies: list[float] = []
@@ -479,6 +492,7 @@ def bench_actor_latency(quick: bool, servers: str, kafka_client: str = "kafka-py
             warm += 1
             warmed.wait(0.2)
         time.sleep(warmup)
+        before = _service_samples(ports, scrape)
         events = synthetic_events(int(rate * seconds), seed=99)
         started = time.perf_counter()
         for i, event in enumerate(events):
@@ -504,6 +518,7 @@ def bench_actor_latency(quick: bool, servers: str, kafka_client: str = "kafka-py
             time.sleep(0.2)
         done.set()
         reader.join(timeout=5)
+        means = _service_means(before, _service_samples(ports, scrape), total)
     finally:
         for process in processes:
             process.terminate()
@@ -531,7 +546,96 @@ def bench_actor_latency(quick: bool, servers: str, kafka_client: str = "kafka-py
         # Per hop: event produced -> recommendation made, and made -> read back (flush + fetch).
         **percentiles(created, "hop_made_"),
         **percentiles(delivered, "hop_delivered_"),
+        # One bare hop (produce -> consume, nothing in between) at the same load before the services
+        # started, and the pipeline's p99 over it.
+        **percentiles(hop, "broker_hop_"),
+        "p99_over_broker_hop_p99": round(float(np.percentile(latencies, 99) / np.percentile(hop, 99)), 2)
+        if latencies and hop
+        else None,
+        # The services' own view over the measured events (their Prometheus histograms): mean batch sizes,
+        # the actor's scoring time per batch, and each service's latency from the event's Kafka time
+        # to its outputs flushed.
+        **means,
     }
+
+
+def _hop_latencies(bus: Any, topic: str, rate: float, seconds: float) -> list[float]:
+    """Seconds from produce to consume of small records sent at ``rate`` for ``seconds``, one hop."""
+    import threading
+
+    consumer = bus.consumer()
+    consumer.assign([TopicPartition(topic, p) for p in range(6)])
+    producer = bus.producer()
+    latencies: list[float] = []
+    measuring = threading.Event()
+    done = threading.Event()
+
+    def consume() -> None:
+        while not done.is_set():
+            for record in consumer.poll(max_records=5000, timeout_s=0.05):
+                if measuring.is_set() and record.value is not None:
+                    latencies.append(time.time() - float(record.value.decode()))
+
+    reader = threading.Thread(target=consume, daemon=True)
+    reader.start()
+    try:
+        for i in range(100):  # connections, metadata and the fetch sessions first
+            producer.send(topic, b"warm-%d" % i, str(time.time()).encode())
+            producer.flush()
+        time.sleep(1.0)
+        measuring.set()
+        started = time.perf_counter()
+        for i in range(int(rate * seconds)):
+            due = started + i / rate
+            while time.perf_counter() < due:
+                time.sleep(min(0.001, max(0.0, due - time.perf_counter())))
+            producer.send(topic, b"hop-%d" % i, str(time.time()).encode())
+        producer.flush()
+        deadline = time.perf_counter() + 10
+        while len(latencies) < int(rate * seconds) and time.perf_counter() < deadline:
+            time.sleep(0.1)
+    finally:
+        done.set()
+        reader.join(timeout=5)
+        consumer.close()
+    return latencies
+
+
+# (key in the results, service, histogram, scale): means the latency benchmark reads from the services.
+SERVICE_MEANS = (
+    ("state_builder_batch_records_mean", "state_builder", "qrec_state_builder_batch_records", 1.0),
+    ("state_builder_latency_mean_ms", "state_builder", "qrec_state_builder_latency_seconds", 1000.0),
+    ("actor_batch_states_mean", "actor", "qrec_actor_batch_states", 1.0),
+    ("actor_scoring_mean_ms", "actor", "qrec_actor_scoring_seconds", 1000.0),
+    ("actor_latency_mean_ms", "actor", "qrec_actor_end_to_end_latency_seconds", 1000.0),
+)
+
+
+def _service_samples(ports: dict[str, int], scrape: Any) -> dict[str, Any]:
+    """Every sample each service's /metrics serves now (none from one that does not answer)."""
+    samples = {}
+    for service, port in ports.items():
+        try:
+            samples[service] = scrape(f"http://127.0.0.1:{port}/metrics")
+        except OSError as exc:
+            log.warning("could not read the %s's metrics: %s", service, exc)
+            samples[service] = {}
+    return samples
+
+
+def _service_means(before: dict[str, Any], after: dict[str, Any], total: Any) -> dict[str, float | None]:
+    """Each SERVICE_MEANS histogram's mean (sum / count) over what it observed between two scrapes."""
+    means: dict[str, float | None] = {}
+    for key, service, name, scale in SERVICE_MEANS:
+
+        def grew(suffix: str, service: str = service, name: str = name) -> float:
+            return (total(after[service], f"{name}{suffix}") or 0.0) - (
+                total(before[service], f"{name}{suffix}") or 0.0
+            )
+
+        count = grew("_count")
+        means[key] = round(grew("_sum") / count * scale, 2) if count else None
+    return means
 
 
 BENCHMARKS: dict[str, str] = {

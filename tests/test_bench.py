@@ -1,0 +1,52 @@
+"""Pieces of the benchmarks that can be checked without running them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from services.bench import SERVICE_MEANS, _hop_latencies, _service_means
+from services.bus.base import TopicSpec
+from services.bus.embedded import EmbeddedBus
+from services.ops.status import parse_metrics, total
+
+
+def _samples(text: str) -> Any:
+    return parse_metrics(text)
+
+
+def test_service_means_are_over_what_was_observed_between_the_two_scrapes() -> None:
+    before = {
+        "state_builder": _samples(
+            "qrec_state_builder_batch_records_count 10\nqrec_state_builder_batch_records_sum 1000\n"
+            "qrec_state_builder_latency_seconds_count 500\nqrec_state_builder_latency_seconds_sum 400\n"
+        ),
+        "actor": {},  # not answering before: counts from zero
+    }
+    after = {
+        "state_builder": _samples(
+            "qrec_state_builder_batch_records_count 30\nqrec_state_builder_batch_records_sum 3000\n"
+            "qrec_state_builder_latency_seconds_count 2500\nqrec_state_builder_latency_seconds_sum 500\n"
+        ),
+        "actor": _samples(
+            "qrec_actor_batch_states_count 4\nqrec_actor_batch_states_sum 200\n"
+            "qrec_actor_scoring_seconds_count 4\nqrec_actor_scoring_seconds_sum 0.1\n"
+        ),
+    }
+    means = _service_means(before, after, total)
+    assert set(means) == {key for key, *_ in SERVICE_MEANS}
+    assert means["state_builder_batch_records_mean"] == 100.0  # (3000 - 1000) / (30 - 10)
+    assert means["state_builder_latency_mean_ms"] == 50.0  # (500 - 400) s / 2000 records
+    assert means["actor_batch_states_mean"] == 50.0
+    assert means["actor_scoring_mean_ms"] == 25.0
+    assert means["actor_latency_mean_ms"] is None  # nothing observed
+
+
+def test_hop_latencies_time_each_record_from_send_to_read() -> None:
+    bus = EmbeddedBus()
+    bus.create_topics([TopicSpec("hop", 6)])
+    latencies = _hop_latencies(bus, "hop", rate=2000.0, seconds=0.25)
+    assert len(latencies) == 500, "every record sent in the measured part is read once; the warm-up is not"
+    assert all(0.0 <= seconds < 5.0 for seconds in latencies)
+    assert sorted(latencies)[len(latencies) // 2] == pytest.approx(0.0, abs=0.5)
