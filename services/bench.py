@@ -271,16 +271,60 @@ def _state_builder_run(
     watcher.start()
     stats = builder.run(stop, idle_exit_s=60)
     elapsed = time.perf_counter() - (first_record[0] if first_record else started)
-    bus.close()
+    try:
+        state_rate = _raw_produce_rate(bus, names["user_state_topic"], stats.states)
+        transition_rate = _raw_produce_rate(bus, names["transitions_topic"], stats.transitions)
+    finally:
+        bus.close()
     rate = stats.records / elapsed if elapsed > 0 else 0.0
+    # The client's own time per event: one consume, plus the UserStates and transitions it published
+    # per event, each at the bare rate of the same client. No process on this client can go faster.
+    per_event_s = 0.0
+    if ceiling and stats.records:
+        per_event_s = 1.0 / ceiling
+        for published, produced_per_s in ((stats.states, state_rate), (stats.transitions, transition_rate)):
+            if published and produced_per_s:
+                per_event_s += published / stats.records / produced_per_s
+    io_ceiling = 1.0 / per_event_s if per_event_s else 0.0
     return {
         "events_per_s": round(rate),
         "client_ceiling_events_per_s": round(ceiling),
         "ratio": round(rate / ceiling, 3) if ceiling else 0.0,
+        "client_produce_user_states_per_s": round(state_rate),
+        "client_produce_transitions_per_s": round(transition_rate),
+        "client_io_ceiling_events_per_s": round(io_ceiling),
+        "ratio_to_client_io_ceiling": round(rate / io_ceiling, 3) if io_ceiling else 0.0,
         "events": stats.records,
         "states_published": stats.states,
         "transitions_published": stats.transitions,
     }
+
+
+def _raw_produce_rate(bus: Any, topic: str, count: int) -> float:
+    """Records/s the bus's producer (the services' settings: acks=all, idempotent) sends and has
+    acknowledged, for the first ``count`` records of ``topic`` (the UserStates the state-builder just
+    published: same keys, values and headers) sent again to the same topic."""
+    consumer = bus.consumer()
+    partitions = [TopicPartition(topic, p) for p in range(6)]
+    consumer.assign(partitions)
+    consumer.seek_to_beginning(partitions)
+    records: list[Any] = []
+    deadline = time.monotonic() + 120
+    while len(records) < count and time.monotonic() < deadline:
+        records.extend(consumer.poll(max_records=5000, timeout_s=0.5))
+    consumer.close()
+    if not records:
+        return 0.0
+    producer = bus.producer()
+    producer.send(topic, records[0].key, records[0].value, headers=records[0].headers)  # connect first
+    producer.flush()
+    started = time.perf_counter()
+    for record in records:
+        producer.send(topic, record.key, record.value, headers=record.headers, partition=record.partition)
+    producer.flush()
+    seconds = time.perf_counter() - started
+    producer.close()
+    return len(records) / seconds if seconds > 0 else 0.0
 
 
 def _actor_scoring_case(items: int, quick: bool) -> tuple[float, float]:

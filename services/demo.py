@@ -430,6 +430,9 @@ class Demo(ClosedLoop):
                 split_salt=SPLIT_SALT,
                 epsilon=config.epsilon,
                 seed=config.seed,
+                # The shop's clock is simulated: a model swaps in at a simulated time, not when a
+                # background compile happens to finish, so a seed gives the same run every time.
+                background_compile=False,
                 **common,
             ),
             bus,

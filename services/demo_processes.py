@@ -62,6 +62,8 @@ from services.topics import (
 )
 
 STARTUP_TIMEOUT_SECONDS = 300.0
+GROUP_MEMBERS = ("state-builder", "actor")
+"""Services between a shopper's event and their slate: up only once they own partitions."""
 """How long the services may take to come up (importing JAX and compiling, on a busy machine)."""
 STOP_TIMEOUT_SECONDS = 60.0
 """How long each service may take to stop after SIGTERM (the learners publish and checkpoint)."""
@@ -243,14 +245,21 @@ class ProcessDemo(ClosedLoop):
         self.started_wall = time.monotonic()
 
     def _wait_until_up(self) -> None:
-        """Until every service reports qrec_service_up 1 (the actor after compiling its programs)."""
+        """Until every service reports qrec_service_up 1 (the actor after compiling its programs) and
+        the shoppers' path is open: the state-builder and the actor have joined their groups and own
+        partitions. Before that the shop's clock would run while nobody serves (a short run on a busy
+        machine could pass with no slate at all)."""
         waiting = set(self.processes)
         deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
         while waiting:
             self._check_alive()
             for name in sorted(waiting):
                 with contextlib.suppress(OSError):
-                    if (total(scrape(self.processes[name].metrics_url, 1.0), "qrec_service_up") or 0) >= 1:
+                    samples = scrape(self.processes[name].metrics_url, 1.0)
+                    up = (total(samples, "qrec_service_up") or 0) >= 1
+                    if up and name in GROUP_MEMBERS:
+                        up = (total(samples, "qrec_consumer_assigned_partitions") or 0) >= 1
+                    if up:
                         waiting.discard(name)
                         self.say(f"{name} is up")
             if waiting and time.monotonic() > deadline:

@@ -77,7 +77,8 @@ def next_offsets(records: Iterable[Record]) -> dict[TopicPartition, int]:
 
 
 class ConsumerLag:
-    """Exports ``qrec_consumer_lag_records`` for a consumer's assigned partitions, every few seconds."""
+    """Exports ``qrec_consumer_lag_records`` for a consumer's assigned partitions, every few seconds,
+    and ``qrec_consumer_assigned_partitions`` (how many) at every update."""
 
     def __init__(self, registry: CollectorRegistry, group: str, every_s: float = 5.0) -> None:
         self.gauge = Gauge(
@@ -86,15 +87,23 @@ class ConsumerLag:
             ["group", "topic", "partition"],
             registry=registry,
         )
+        self.assigned = Gauge(
+            "qrec_consumer_assigned_partitions",
+            "Partitions assigned to this process's consumer (0 until it has joined its group)",
+            ["group"],
+            registry=registry,
+        )
         self.group = group
         self.every_s = every_s
         self._last = 0.0
 
     def update(self, consumer: Consumer) -> None:
+        assignment = consumer.assignment()
+        self.assigned.labels(self.group).set(len(assignment))
         if time.monotonic() - self._last < self.every_s:
             return
         self._last = time.monotonic()
-        assigned = sorted(consumer.assignment())
+        assigned = sorted(assignment)
         if not assigned:
             return
         try:

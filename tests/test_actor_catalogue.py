@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -19,6 +20,7 @@ from services.actor.catalogue import Catalogue
 from services.actor.config import ActorConfig
 from services.actor.model import LiveModel, score_and_select, select_slates
 from services.actor.service import Actor
+from services.actor.step import COLD_START
 from services.bus.base import Bus, Record, TopicSpec
 from services.bus.embedded import EmbeddedBus
 from services.bus.kafka import KafkaBus, KafkaSettings
@@ -227,6 +229,60 @@ def test_dqn_slates_never_hold_unavailable_items_and_respect_purchases() -> None
         assert rec.policy == "dqn" and rec.model_version == 1
         assert {item.item_id for item in rec.items} == {"sku-2", "sku-4", "sku-5"}
         assert rec.items[-1].propensity == pytest.approx(1.0)  # the last one left is certain
+
+
+def test_a_new_model_compiles_in_the_background_while_the_current_policy_serves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bus = EmbeddedBus()
+    actor, registry = make_actor(bus, "dqn=1")
+    started, release = threading.Event(), threading.Event()
+    warm = actor._warm_model
+
+    def slow_compile(model: LiveModel) -> None:
+        started.set()
+        assert release.wait(30)
+        warm(model)
+
+    monkeypatch.setattr(actor, "_warm_model", slow_compile)
+    model = tiny_model()
+    actor._stage("dqn", model)
+    assert started.wait(30)
+    # While the scorer compiles, batches are served at once by the policy already in place.
+    during = serve_views(actor, 0, 12)
+    assert len(during) == 12 and {(r.policy, r.model_version) for r in during} == {(COLD_START, 0)}
+    actor.refresh_model()
+    assert actor.model is None and registry.get_sample_value("qrec_actor_model_swaps_total") == 0
+    release.set()
+    actor.wait_for_models(timeout_s=60)
+    assert actor.model is model and registry.get_sample_value("qrec_actor_model_swaps_total") == 1
+    after = serve_views(actor, 12, 12)
+    assert {(r.policy, r.model_version) for r in after} == {("dqn", 1)}
+    actor.close()
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_a_model_whose_scorer_fails_is_rejected_and_the_previous_one_serves_on(
+    monkeypatch: pytest.MonkeyPatch, background: bool
+) -> None:
+    bus = EmbeddedBus()
+    actor, registry = make_actor(bus, "dqn=1", background_compile=background)
+    first = tiny_model()
+    actor._stage("dqn", first)
+    actor.wait_for_models(timeout_s=60)
+    assert actor.model is first
+
+    def broken(model: LiveModel) -> None:
+        raise RuntimeError("XLA ran out of memory")
+
+    monkeypatch.setattr(actor, "_warm_model", broken)
+    actor._stage("dqn", tiny_model())
+    actor.wait_for_models(timeout_s=60)
+    assert actor.model is first, "the previous model keeps serving"
+    assert registry.get_sample_value("qrec_actor_model_rejected_total") == 1
+    assert registry.get_sample_value("qrec_actor_model_swaps_total") == 1
+    assert {r.policy for r in serve_views(actor, 0, 6)} == {"dqn"}
+    actor.close()
 
 
 @pytest.mark.kafka

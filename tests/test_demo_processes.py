@@ -66,11 +66,10 @@ def test_the_demo_runs_every_service_as_its_own_process_on_kafka(
     for name, process in processes.items():
         assert Path(process["log"]).stat().st_size > 0, name
     assert set(data["policies"]) == PROCESS_GROUPS == set(data["whole_run"])
-    # Over the whole run every group was served. (Not per group in the late phase alone: on a loaded
-    # machine the actor's compile of a newly published model can hold back most of a short run's last
-    # minutes, leaving a group of ~25 shoppers with no slate there.)
+    # Over the whole run every group was served (the late phase of so short a run holds only a few
+    # minutes of ~25 shoppers per group, too few to require slates for each group there).
     for name, numbers in data["whole_run"].items():
-        assert numbers["recommendations"] > 0 and numbers["sessions"] > 0, name
+        assert numbers["recommendations"] > 0 and numbers["sessions"] > 0, (name, data["whole_run"])
     assert sum(numbers["sessions"] for numbers in data["policies"].values()) > 0
     # Each link crossed a process boundary over Kafka: shopper -> state-builder -> actor -> shopper,
     # state-builder -> learners (transitions), tabular learner -> actor (a published table).

@@ -134,3 +134,33 @@ def test_real_prometheus_scrapes_a_running_replay(
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_consumer_lag_reports_the_assignment_at_every_update_and_the_lag_every_few_seconds() -> None:
+    from services.bus.base import TopicPartition, TopicSpec
+    from services.bus.embedded import EmbeddedBus
+    from services.metrics import ConsumerLag
+
+    bus = EmbeddedBus()
+    bus.create_topics([TopicSpec("t", 3)])
+    producer = bus.producer()
+    for i in range(5):
+        producer.send("t", b"k", b"v%d" % i, partition=1)
+    producer.flush()
+    registry = CollectorRegistry()
+    lag = ConsumerLag(registry, "g", every_s=3600.0)
+    consumer = bus.consumer()
+    lag.update(consumer)  # nothing assigned yet
+    assert registry.get_sample_value("qrec_consumer_assigned_partitions", {"group": "g"}) == 0
+    consumer.assign([TopicPartition("t", 1), TopicPartition("t", 2)])
+    consumer.seek_to_beginning([TopicPartition("t", 1), TopicPartition("t", 2)])
+    lag.update(consumer)  # the assignment counts at once; the lag waits for its interval
+    assert registry.get_sample_value("qrec_consumer_assigned_partitions", {"group": "g"}) == 2
+    assert (
+        registry.get_sample_value("qrec_consumer_lag_records", {"group": "g", "topic": "t", "partition": "1"})
+        is None
+    )
+    fresh = ConsumerLag(CollectorRegistry(), "g", every_s=3600.0)
+    fresh.update(consumer)
+    assert fresh.gauge.labels("g", "t", "1")._value.get() == 5
+    assert fresh.gauge.labels("g", "t", "2")._value.get() == 0

@@ -52,6 +52,11 @@ class ActorConfig(BusConfig):
     )
     seed: int = setting(0, help="exploration seed; with the same inputs the same slates come out")
     max_batch: int = setting(500, help="user states scored per batch")
+    background_compile: bool = setting(
+        True,
+        help="compile a new model's scorer in a background thread while the current model keeps "
+        "serving (off: compile between batches, and serving pauses for it)",
+    )
     session_timeout_ms: int = setting(10000, help="Kafka consumer session timeout")
     create_topics: bool = setting(True, help="create the qrec topics first when they are missing")
     partitions: int = setting(6, help="partitions per topic when topics are created")

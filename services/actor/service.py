@@ -15,6 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
 import numpy as np
@@ -144,6 +145,14 @@ class Actor:
         self._popular_at = 0.0  # time.monotonic() of the last ranking
         self.model: LiveModel | None = None
         self.assembler = ModelAssembler()
+        # A new model's scorer compiles off the serving thread (seconds on a busy machine); it swaps in
+        # between batches once compiled. Per slot (dqn, bandit) only the newest pending model counts.
+        self._compiler = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="qrec-actor-compile")
+            if config.background_compile
+            else None
+        )
+        self._pending: dict[str, tuple[Future[None], LiveModel]] = {}
         self.last_slates: OrderedDict[str, list[str]] = OrderedDict()
         self.producer = bus.producer()
         self.dead_letters = DeadLetterSink(self.producer, self.metrics, config.dead_letter_topic)
@@ -193,12 +202,9 @@ class Actor:
                 log.warning("model version %d rejected: %s", assembled.header.model_version, exc)
                 self.metrics.swap_failures.inc()
                 continue
-            self._warm_model(model)  # compile before the swap, so serving never waits on it
-            self.model = model
-            self.metrics.swaps.inc()
-            self.metrics.model_version.set(model.version)
-            log.info("serving model version %d (%d items)", model.version, len(model.vocabulary))
+            self._stage("dqn", model)
         self._refresh_baselines(timeout_s)
+        self._install_compiled()
         if self.model is not None:
             self.metrics.model_age.set(max(0.0, (self.wall_ms() - self.model.created_at_ms) / 1000.0))
 
@@ -215,16 +221,54 @@ class Actor:
                     continue
                 try:
                     if name == "bandit":
-                        model = LiveModel.from_assembled(assembled)
-                        self._warm_model(model)
-                        self.bandit_model = model
-                    else:
-                        self.tabular = TabularModel.from_bytes(assembled.data)
+                        self._stage("bandit", LiveModel.from_assembled(assembled))
+                        continue
+                    self.tabular = TabularModel.from_bytes(assembled.data)
                 except ValueError as exc:
                     log.warning("%s model version %d rejected: %s", name, assembled.header.model_version, exc)
                     self.metrics.swap_failures.inc()
                     continue
                 self.metrics.swaps.inc()
+
+    def _stage(self, slot: str, model: LiveModel) -> None:
+        """Compile ``model``'s scorer, then serve it in ``slot`` (dqn or bandit): in the background while
+        the current model serves, or here and now without --background-compile."""
+        if self._compiler is not None:
+            self._pending[slot] = (self._compiler.submit(self._warm_model, model), model)
+            return
+        done: Future[None] = Future()
+        try:
+            self._warm_model(model)
+            done.set_result(None)
+        except Exception as exc:  # any failure rejects the model; the old one serves on
+            done.set_exception(exc)
+        self._pending[slot] = (done, model)
+        self._install_compiled()
+
+    def _install_compiled(self, wait_s: float | None = 0.0) -> None:
+        """Swap in the pending models whose scorer compiled (waiting up to ``wait_s``; None: until done)."""
+        for slot, (future, model) in list(self._pending.items()):
+            try:
+                future.result(timeout=wait_s)
+            except TimeoutError:
+                continue
+            except Exception as exc:  # this model cannot serve; the previous one can
+                del self._pending[slot]
+                log.warning("%s model version %d rejected: its scorer failed: %s", slot, model.version, exc)
+                self.metrics.swap_failures.inc()
+                continue
+            del self._pending[slot]
+            if slot == "dqn":
+                self.model = model
+                self.metrics.model_version.set(model.version)
+                log.info("serving model version %d (%d items)", model.version, len(model.vocabulary))
+            else:
+                self.bandit_model = model
+            self.metrics.swaps.inc()
+
+    def wait_for_models(self, timeout_s: float | None = None) -> None:
+        """Swap in every model whose scorer is compiling now, once compiled (tests and tools)."""
+        self._install_compiled(wait_s=timeout_s)
 
     # -- catalogue ------------------------------------------------------------------------------
     def _open_catalogue(self, topic: str) -> None:
@@ -642,3 +686,5 @@ class Actor:
             for consumer, _ in self.baseline_feeds.values():
                 consumer.close()
             self.producer.close()
+            if self._compiler is not None:
+                self._compiler.shutdown(wait=False, cancel_futures=True)
