@@ -302,8 +302,8 @@ def _state_builder_run(
 
 def _raw_produce_rate(bus: Any, topic: str, count: int) -> float:
     """Records/s the bus's producer (the services' settings: acks=all, idempotent) sends and has
-    acknowledged, for the first ``count`` records of ``topic`` (the UserStates the state-builder just
-    published: same keys, values and headers) sent again to the same topic."""
+    acknowledged, for the first ``count`` records of ``topic`` (what the state-builder just published
+    there: same keys, values and headers) sent again to the same topic."""
     consumer = bus.consumer()
     partitions = [TopicPartition(topic, p) for p in range(6)]
     consumer.assign(partitions)
@@ -414,7 +414,6 @@ def bench_actor_latency(quick: bool, servers: str, kafka_client: str = "kafka-py
     from schemas.messages import Recommendation
     from services.bus.base import TopicSpec
     from services.bus.kafka import KafkaBus, KafkaSettings
-    from services.ops.status import scrape, total
     from services.ops.supervisor import free_port
 
     if kafka_client == "confluent":
@@ -536,13 +535,11 @@ def bench_actor_latency(quick: bool, servers: str, kafka_client: str = "kafka-py
             warm += 1
             warmed.wait(0.2)
         time.sleep(warmup)
-        before = _service_samples(ports, scrape)
+        before = _service_samples(ports)
         events = synthetic_events(int(rate * seconds), seed=99)
         started = time.perf_counter()
         for i, event in enumerate(events):
-            due = started + i / rate
-            while time.perf_counter() < due:
-                time.sleep(min(0.001, max(0.0, due - time.perf_counter())))
+            _wait_until(started + i / rate)
             view = ClickEvent(
                 event_id=f"lat-{suffix}-{i}",
                 user_id=event.user_id,
@@ -562,7 +559,7 @@ def bench_actor_latency(quick: bool, servers: str, kafka_client: str = "kafka-py
             time.sleep(0.2)
         done.set()
         reader.join(timeout=5)
-        means = _service_means(before, _service_samples(ports, scrape), total)
+        means = _service_means(before, _service_samples(ports))
     finally:
         for process in processes:
             process.terminate()
@@ -603,6 +600,12 @@ def bench_actor_latency(quick: bool, servers: str, kafka_client: str = "kafka-py
     }
 
 
+def _wait_until(due: float) -> None:
+    """Sleep in steps of at most 1 ms until ``time.perf_counter()`` reaches ``due`` (a paced send)."""
+    while time.perf_counter() < due:
+        time.sleep(min(0.001, max(0.0, due - time.perf_counter())))
+
+
 def _hop_latencies(bus: Any, topic: str, rate: float, seconds: float) -> list[float]:
     """Seconds from produce to consume of small records sent at ``rate`` for ``seconds``, one hop."""
     import threading
@@ -630,9 +633,7 @@ def _hop_latencies(bus: Any, topic: str, rate: float, seconds: float) -> list[fl
         measuring.set()
         started = time.perf_counter()
         for i in range(int(rate * seconds)):
-            due = started + i / rate
-            while time.perf_counter() < due:
-                time.sleep(min(0.001, max(0.0, due - time.perf_counter())))
+            _wait_until(started + i / rate)
             producer.send(topic, b"hop-%d" % i, str(time.time()).encode())
         producer.flush()
         deadline = time.perf_counter() + 10
@@ -655,20 +656,23 @@ SERVICE_MEANS = (
 )
 
 
-def _service_samples(ports: dict[str, int], scrape: Any) -> dict[str, Any]:
+def _service_samples(ports: dict[str, int]) -> dict[str, Any]:
     """Every sample each service's /metrics serves now (none from one that does not answer)."""
+    from services.ops.status import scrape
+
     samples = {}
     for service, port in ports.items():
-        try:
-            samples[service] = scrape(f"http://127.0.0.1:{port}/metrics")
-        except OSError as exc:
-            log.warning("could not read the %s's metrics: %s", service, exc)
-            samples[service] = {}
+        found = scrape(f"http://127.0.0.1:{port}/metrics")
+        if found is None:
+            log.warning("could not read the %s's metrics on port %d", service, port)
+        samples[service] = found or {}
     return samples
 
 
-def _service_means(before: dict[str, Any], after: dict[str, Any], total: Any) -> dict[str, float | None]:
+def _service_means(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float | None]:
     """Each SERVICE_MEANS histogram's mean (sum / count) over what it observed between two scrapes."""
+    from services.ops.status import total
+
     means: dict[str, float | None] = {}
     for key, service, name, scale in SERVICE_MEANS:
 

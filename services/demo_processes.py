@@ -62,9 +62,9 @@ from services.topics import (
 )
 
 STARTUP_TIMEOUT_SECONDS = 300.0
+"""How long the services may take to come up (importing JAX and compiling, on a busy machine)."""
 GROUP_MEMBERS = ("state-builder", "actor")
 """Services between a shopper's event and their slate: up only once they own partitions."""
-"""How long the services may take to come up (importing JAX and compiling, on a busy machine)."""
 STOP_TIMEOUT_SECONDS = 60.0
 """How long each service may take to stop after SIGTERM (the learners publish and checkpoint)."""
 STOP_ORDER = ("actor", "state-builder", "learner", "bandit", "tabular-learner")

@@ -9,7 +9,7 @@ import pytest
 from services.bench import SERVICE_MEANS, _hop_latencies, _service_means
 from services.bus.base import TopicSpec
 from services.bus.embedded import EmbeddedBus
-from services.ops.status import parse_metrics, total
+from services.ops.status import parse_metrics
 
 
 def _samples(text: str) -> Any:
@@ -34,7 +34,7 @@ def test_service_means_are_over_what_was_observed_between_the_two_scrapes() -> N
             "qrec_actor_scoring_seconds_count 4\nqrec_actor_scoring_seconds_sum 0.1\n"
         ),
     }
-    means = _service_means(before, after, total)
+    means = _service_means(before, after)
     assert set(means) == {key for key, *_ in SERVICE_MEANS}
     assert means["state_builder_batch_records_mean"] == 100.0  # (3000 - 1000) / (30 - 10)
     assert means["state_builder_latency_mean_ms"] == 50.0  # (500 - 400) s / 2000 records
