@@ -146,6 +146,30 @@ def test_group_members_share_co_partitioned_topics_by_range(bus: Bus, name: Call
     second.close()
 
 
+def test_a_lone_member_joins_its_new_group_once(bus: Bus, name: Callable[[str], str]) -> None:
+    """No second, needless rebalance right after the first join (the group leader used to assign on
+    stale metadata and rejoin ~100 ms later; a member caught in that rejoin could stay unfed). Three
+    fresh groups: a broker's very first group happened to join once even before the fix."""
+    for _ in range(3):
+        topic, group = name("join-once"), name("group")
+        bus.create_topics([TopicSpec(topic, 4)])
+        assigned: list[list[TopicPartition]] = []
+        revoked: list[list[TopicPartition]] = []
+        consumer = bus.consumer(group)
+        consumer.subscribe([topic], on_assign=assigned.append, on_revoke=revoked.append)
+        deadline = time.monotonic() + 60
+        while not assigned and time.monotonic() < deadline:
+            consumer.poll(timeout_s=0.1)
+        # A rejoin follows the first assignment within a metadata round trip; give it time to show.
+        settle = time.monotonic() + 2
+        while time.monotonic() < settle:
+            consumer.poll(timeout_s=0.1)
+        revoked_while_running = list(revoked)
+        consumer.close()
+        assert [sorted(tp.partition for tp in parts) for parts in assigned] == [[0, 1, 2, 3]], assigned
+        assert not revoked_while_running, revoked_while_running
+
+
 def test_committed_offsets_resume_a_group(bus: Bus, name: Callable[[str], str]) -> None:
     topic, group = name("resume"), name("group")
     bus.create_topics([TopicSpec(topic, 2)])

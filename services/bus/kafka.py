@@ -284,6 +284,18 @@ class KafkaBusConsumer:
             while not self._consumer.partitions_for_topic(topic) and time.monotonic() < deadline:
                 time.sleep(0.1)
         self._consumer.subscribe(list(topics), listener=_Listener(on_assign, on_revoke))
+        # Fetch metadata once more now that the subscription is set: the coordinator snapshots the
+        # subscribed topics' partitions only from a metadata response that arrives after subscribe().
+        # Without it the group leader assigns on an empty snapshot, sees the next refresh differ and
+        # rejoins ~100 ms later: a needless second rebalance, and a risky one on kafka-python 3.0.12.
+        # There a rejoin triggered by a metadata change stops counting as needed once the leader has
+        # assigned; if poll()'s timeout ends between that and the SyncGroup response (about 1 start in
+        # 25 here), no later poll completes the join: the heartbeat stays off, the broker expires the
+        # member after session_timeout_ms, and it never fetches again.
+        try:
+            self._consumer.topics()
+        except KafkaError as exc:
+            raise BusError(f"cannot read topic metadata after subscribing to {list(topics)}: {exc}") from exc
 
     def assign(self, partitions: Sequence[TopicPartition]) -> None:
         self._consumer.assign([_ktp(tp) for tp in partitions])
