@@ -17,7 +17,7 @@ from kafka import TopicPartition as KafkaTopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata
+from kafka.structs import MemberState, OffsetAndMetadata
 
 from services.bus.base import BusError, RebalanceCallback, Record, TopicPartition, TopicSpec
 from services.bus.partitioner import partition_for_key
@@ -263,6 +263,7 @@ class KafkaBusConsumer:
             metadata_max_age_ms=5000,
         )
         self.group_id = group_id
+        self.dropped_joins = 0  # joins repaired by _rejoin_if_join_was_dropped()
         try:
             self._consumer = KafkaConsumer(**configs)
         except KafkaError as exc:
@@ -290,8 +291,8 @@ class KafkaBusConsumer:
         # rejoins ~100 ms later: a needless second rebalance, and a risky one on kafka-python 3.0.12.
         # There a rejoin triggered by a metadata change stops counting as needed once the leader has
         # assigned; if poll()'s timeout ends between that and the SyncGroup response (about 1 start in
-        # 25 here), no later poll completes the join: the heartbeat stays off, the broker expires the
-        # member after session_timeout_ms, and it never fetches again.
+        # 25 here), no later poll completes the join: the heartbeat stays off and the broker expires
+        # the member (poll() repairs that state, see _rejoin_if_join_was_dropped; better not to enter it).
         try:
             self._consumer.topics()
         except KafkaError as exc:
@@ -308,6 +309,7 @@ class KafkaBusConsumer:
             batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         except KafkaError as exc:
             raise BusError(f"poll failed: {exc}") from exc
+        self._rejoin_if_join_was_dropped()
         records = []
         for ktp, consumed in batches.items():
             topic, partition = ktp.topic, ktp.partition
@@ -316,6 +318,21 @@ class KafkaBusConsumer:
                     Record(topic, partition, r.offset, r.timestamp, r.key, r.value, tuple(r.headers or ()))
                 )
         return records
+
+    def _rejoin_if_join_was_dropped(self) -> None:
+        """Repair kafka-python 3.0.12's dropped join (see subscribe()): a join attempt that finished
+        after poll() stopped waiting for it, while nothing asks for a rejoin any more, is never
+        completed; the member would stay in REBALANCING with its heartbeat off for good. Asking for a
+        rejoin makes the next poll() join again (the broker has usually expired the old member id by
+        then; the client takes a new one). A no-op unless exactly that state is seen."""
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        task = getattr(coordinator, "_join_task", None)
+        if coordinator is None or task is None or self.group_id is None:
+            return
+        if coordinator.state is MemberState.REBALANCING and task.is_done and not coordinator.need_rejoin():
+            log.warning("group %s: a dropped kafka-python join attempt was found; rejoining", self.group_id)
+            coordinator.request_rejoin()
+            self.dropped_joins += 1
 
     def commit(self, offsets: Mapping[TopicPartition, int] | None = None) -> None:
         try:
