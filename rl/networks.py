@@ -257,6 +257,13 @@ class QNetwork(nn.Module):
             self._next_item_from_hidden(obs, hidden, context),
         )
 
+    def q_and_next_item_logits(self, obs: ObsBatch) -> tuple[jax.Array, jax.Array]:
+        """Q(s, a) and the next-item logits for all actions from one encoder pass: (B, A), (B, A)."""
+        if not self.config.next_item_head:
+            raise ValueError("q_and_next_item_logits needs NetworkConfig(next_item_head=True)")
+        hidden, context = self._encode(obs)
+        return self._q_from_hidden(obs, hidden, context), self._next_item_from_hidden(obs, hidden, context)
+
     def scoring_parts(self, obs: ObsBatch) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
         """f(s) (B, E), V(s) (B,) or None, and the repeat head's Q scores for the window (B, W) or
         None: everything Q(s, a) is built from, so a caller can score the actions in chunks.

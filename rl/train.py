@@ -33,9 +33,10 @@ from rl.networks import (
     item_embedding_init,
     q_values,
 )
-from rl.value_learning import double_q_learning_target, huber_loss, q_learning_target
+from rl.value_learning import double_q_learning_target, expected_sarsa_target, huber_loss, q_learning_target
 
 TARGET_UPDATES = ("periodic", "polyak")
+BOOTSTRAPS = ("max", "expected")
 WEIGHT_DECAY_SCOPES = ("items", "all")
 
 
@@ -51,6 +52,11 @@ class LearnerConfig:
     """Gradients are clipped to this global norm before Adam."""
     double_dqn: bool = True
     """Select the bootstrap action with the online network, rate it with the target network."""
+    bootstrap: Literal["max", "expected"] = "max"
+    """How s_t is valued: 'max' at its best action (Q-learning; Double DQN per double_dqn); 'expected'
+    under the target network's next-item distribution (expected SARSA with the shoppers' own choices
+    as the policy: the value of s_t as shoppers go on from it, without the max's overestimation).
+    'expected' needs the next-item head and scores all actions at once, (B, A)."""
     target_update: Literal["periodic", "polyak"] = "periodic"
     """'periodic': copy online to target every target_update_period updates; 'polyak': blend each update."""
     target_update_period: int = 500
@@ -81,6 +87,8 @@ class LearnerConfig:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.bootstrap not in BOOTSTRAPS:
+            raise ValueError(f"bootstrap must be one of {BOOTSTRAPS}, got {self.bootstrap!r}")
         if self.target_update not in TARGET_UPDATES:
             raise ValueError(f"target_update must be one of {TARGET_UPDATES}, got {self.target_update!r}")
         if self.target_update_period < 1:
@@ -282,6 +290,26 @@ def _plain_bootstrap_targets(
     return jax.vmap(q_learning_target)(batch.r_t, discount_t, q_t_value)
 
 
+def _expected_bootstrap_targets(
+    state: TrainState,
+    batch: TransitionBatch,
+    network: QNetwork,
+    discount_t: jax.Array,
+    action_mask: jax.Array | None,
+) -> jax.Array:
+    """Targets (B,): r + discount * E_{a ~ softmax(next-item logits)} Q(s_t, a), both from the target
+    network, over the allowed actions."""
+    q_t, logits_t = cast(
+        "tuple[jax.Array, jax.Array]",
+        network.apply(state.target_params, batch.obs_t, method=QNetwork.q_and_next_item_logits),
+    )  # (B, A), (B, A)
+    if action_mask is not None:
+        logits_t = jnp.where(action_mask, logits_t, -jnp.inf)
+        q_t = jnp.where(action_mask, q_t, 0.0)
+    probs_t = jax.nn.softmax(logits_t, axis=-1)  # (B, A)
+    return jax.vmap(expected_sarsa_target)(batch.r_t, discount_t, q_t, probs_t)
+
+
 def update(
     state: TrainState,
     batch: TransitionBatch,
@@ -303,6 +331,8 @@ def update(
     use_sqn = config.sqn_weight > 0
     if use_sqn and not network.config.next_item_head:
         raise ValueError("sqn_weight > 0 needs NetworkConfig(next_item_head=True)")
+    if config.bootstrap == "expected" and not network.config.next_item_head:
+        raise ValueError("bootstrap='expected' needs NetworkConfig(next_item_head=True)")
     discount_t = config.gamma * batch.discount_t  # (B,)
     # Which rows each loss averages over (None: all of them).
     next_item_rows = batch.logged if config.split_losses else None  # (B,)
@@ -312,6 +342,8 @@ def update(
     # loss they are not needed at all (and over a large catalogue they are most of the work).
     if config.td_weight == 0:
         target_tm1 = jnp.zeros((batch_size,), jnp.float32)
+    elif config.bootstrap == "expected":
+        target_tm1 = _expected_bootstrap_targets(state, batch, network, discount_t, action_mask)
     elif num_actions > BOOTSTRAP_CHUNK:
         q_boot = chunked_bootstrap_values(
             network, state.params, state.target_params, batch.obs_t, action_mask, double_dqn=config.double_dqn

@@ -68,6 +68,19 @@ def double_q_learning_target(
     return jax.lax.stop_gradient(r_t + discount_t * q_t_value[jnp.argmax(q_t_selector)])
 
 
+def expected_sarsa_target(
+    r_t: jax.Array, discount_t: jax.Array, q_t: jax.Array, probs_a_t: jax.Array
+) -> jax.Array:
+    """Bootstrap target r_t + discount_t * sum_a probs_a_t[a] q_t[a], gradient stopped -> ().
+
+    rlax's expected SARSA target: the next state is valued under a distribution over its actions
+    rather than at its best action. q_t, probs_a_t (A,); probs_a_t sums to one.
+    """
+    assert q_t.ndim == 1, f"q_t must be (num_actions,), got {q_t.shape}"
+    assert probs_a_t.shape == q_t.shape, (probs_a_t.shape, q_t.shape)
+    return jax.lax.stop_gradient(r_t + discount_t * jnp.dot(probs_a_t, q_t))
+
+
 def huber_loss(x: jax.Array, delta: float = 1.0) -> jax.Array:
     """Huber loss, elementwise: x²/2 for |x| <= delta, delta·(|x| - delta/2) beyond.
 

@@ -133,6 +133,11 @@ class DemoConfig(BusConfig):
         help="the DQN's and the bandit's next-item head learns only from logged transitions and Q only "
         "from shown slots (learner --split-losses)",
     )
+    td_bootstrap: str = setting(
+        "max",
+        help="the DQN's TD target values the next state at its best item (max) or under the next-item "
+        "head's distribution of the shoppers' own choices (expected; learner --td-bootstrap)",
+    )
     shown_slots: str = setting(
         "all",
         help="shown-slot transitions the DQN and the bandit learn from: all, or clicked (SlateQ's value of "
@@ -187,6 +192,8 @@ class DemoConfig(BusConfig):
             )
         if self.serve_next_item_weight != 0.0 and self.sqn_weight <= 0:
             raise ConfigError("serve_next_item_weight needs the next-item head: set sqn_weight > 0")
+        if self.td_bootstrap not in ("max", "expected"):
+            raise ConfigError(f"td_bootstrap must be max or expected, got {self.td_bootstrap!r}")
         if self.serve_q_weight == 0.0 and self.serve_next_item_weight == 0.0:
             raise ConfigError("serve_q_weight and serve_next_item_weight cannot both be 0")
 
@@ -563,6 +570,7 @@ def learner_config(config: DemoConfig, *, gamma: float, **overrides: Any) -> Lea
         sqn_weight=config.sqn_weight,
         sources=config.learn_from,
         split_losses=config.split_losses,
+        td_bootstrap=config.td_bootstrap,
         shown_slots=config.shown_slots,
         # Q sums discounted rewards, about 1 / (1 - gamma) steps' worth: in per-step units the
         # DQN's and the bandit's values weigh alike against the next-item logit.

@@ -339,3 +339,19 @@ def test_sparkline_draws_each_window_against_the_highest() -> None:
     assert sparkline([0.0, 1.0, None, 2.0], 2.0) == "▁▅ █"
     assert sparkline([0.0, None], 0.0) == "▁ "
     assert sparkline([], 1.0) == ""
+
+
+def test_the_expected_td_bootstrap_reaches_the_learners_update_and_needs_the_next_item_head(
+    tmp_path: Path,
+) -> None:
+    from services.demo import learner_config
+
+    config = _small_learner_config(tmp_path, td_bootstrap="expected", sqn_weight=1.0)
+    assert learner_config_for(config).bootstrap == "expected"
+    assert learner_config_for(_small_learner_config(tmp_path)).bootstrap == "max"
+    with pytest.raises(ConfigError, match="set sqn_weight > 0"):
+        _small_learner_config(tmp_path, td_bootstrap="expected")
+    with pytest.raises(ConfigError, match="td_bootstrap must be max or expected"):
+        DemoConfig(td_bootstrap="mean")
+    demo = DemoConfig(td_bootstrap="expected", out=str(tmp_path / "demo"))
+    assert learner_config(demo, gamma=demo.gamma).td_bootstrap == "expected"

@@ -193,6 +193,8 @@ def test_config_validation() -> None:
         LearnerConfig.from_dict({"gama": 0.5})
     with pytest.raises(ValueError, match="target_update"):
         LearnerConfig(target_update="sometimes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="bootstrap"):
+        LearnerConfig(bootstrap="mean")  # type: ignore[arg-type]
     assert LearnerConfig.from_dict(LearnerConfig(gamma=0.5).to_dict()) == LearnerConfig(gamma=0.5)
     with pytest.raises(ValueError, match="next_item_head"):
         create_train_state(SMALL, LearnerConfig(sqn_weight=1.0), empty_obs_batch(1, window=2, feature_dim=3))
@@ -243,10 +245,12 @@ def chain_step(state: int, action: int) -> tuple[int, float, bool]:
     return max(state - 1, 0), (0.05 if state == 0 else 0.0), False
 
 
-def chain_q_star(gamma: float) -> np.ndarray:
+def chain_q_star(gamma: float, policy: np.ndarray | None = None) -> np.ndarray:
+    """Q* of the chain; with `policy` (4, 2) action probabilities, that policy's own Q instead."""
     q = np.zeros((4, 2))
     for _ in range(1000):
-        value = np.append(q.max(axis=1), 0.0)  # terminal state is worth 0
+        follow = q.max(axis=1) if policy is None else (policy * q).sum(axis=1)
+        value = np.append(follow, 0.0)  # terminal state is worth 0
         q = np.array(
             [
                 [
@@ -300,6 +304,68 @@ def test_dqn_learns_the_optimal_q_of_a_chain() -> None:
         if error < 0.02 and int(state.step) >= 2000:
             break
     assert error < 0.05, f"max |Q - Q*| = {error:.3f} after {int(state.step)} updates"
+
+
+def test_expected_bootstrap_learns_the_q_of_the_logged_choices() -> None:
+    """bootstrap='expected' values s' under the next-item head's distribution: on logs where each
+    state's two actions were taken equally often, that head learns 50/50 and Q converges to the
+    uniform-random policy's Q, not to Q* (which the max bootstrap learns from the same logs)."""
+    gamma = 0.9
+    uniform = np.full((4, 2), 0.5)
+    q_uniform = chain_q_star(gamma, uniform)
+    assert np.max(np.abs(q_uniform - chain_q_star(gamma))) > 0.2  # the two targets differ clearly
+    pairs = [(s, a) for s in range(4) for a in (LEFT, RIGHT)]
+    outcomes = [chain_step(s, a) for s, a in pairs]
+    buffer = ReplayBuffer(64, window=0, feature_dim=CHAIN_STATES)
+    buffer.add(
+        transition_batch(
+            one_hot_obs([s for s, _ in pairs]),
+            [a for _, a in pairs],
+            [r for _, r, _ in outcomes],
+            [done for _, _, done in outcomes],
+            one_hot_obs([s2 for s2, _, _ in outcomes]),
+        )
+    )
+    network_config = NetworkConfig(num_actions=2, embed_dim=16, hidden_sizes=(64, 64), next_item_head=True)
+    config = LearnerConfig(
+        gamma=gamma, learning_rate=3e-3, target_update_period=50, sqn_weight=1.0, bootstrap="expected"
+    )
+    network = QNetwork(network_config)
+    state = create_train_state(network_config, config, one_hot_obs([0]), jax.random.key(0))
+    rng = np.random.default_rng(0)
+    probe = one_hot_obs([0, 1, 2, 3])
+    apply = jax.jit(network.apply)
+    error = np.inf
+    deadline = time.monotonic() + 30.0
+    while time.monotonic() < deadline:
+        batches, _, _ = buffer.sample_stacked(100, 32, rng)
+        state, _ = update_many(state, batches, network=network, config=config)
+        error = float(np.max(np.abs(np.asarray(apply(state.params, probe)) - q_uniform)))
+        if error < 0.02 and int(state.step) >= 2000:
+            break
+    assert error < 0.05, f"max |Q - Q_uniform| = {error:.3f} after {int(state.step)} updates"
+
+
+def test_expected_bootstrap_target_is_the_next_item_weighted_mean_of_q() -> None:
+    network_config = dataclasses.replace(SMALL, next_item_head=True)
+    config = LearnerConfig(gamma=0.8, bootstrap="expected", learning_rate=1e-2)
+    rng = np.random.default_rng(11)
+    batch = random_batch(rng, 8, 6)
+    network = QNetwork(network_config)
+    state = create_train_state(network_config, config, batch.obs_tm1, jax.random.key(2))
+    mask = jnp.array([False, True, True, True, True, False])
+    _, metrics = update_jit(state, batch, network=network, config=config, action_mask=mask)
+    # By hand, in numpy: softmax of the target network's logits over the allowed actions weights its Q.
+    q_t = np.asarray(network.apply(state.target_params, batch.obs_t), np.float64)  # (B, A)
+    logits_t = np.asarray(network.apply(state.target_params, batch.obs_t, method=QNetwork.next_item_logits))
+    allowed = np.asarray(mask)
+    weights = np.where(allowed, np.exp(logits_t - logits_t[:, allowed].max(axis=1, keepdims=True)), 0.0)
+    probs = weights / weights.sum(axis=1, keepdims=True)
+    target = np.asarray(batch.r_t) + 0.8 * np.asarray(batch.discount_t) * (probs * q_t).sum(axis=1)
+    q_tm1 = np.asarray(network.apply(state.params, batch.obs_tm1))[np.arange(8), np.asarray(batch.a_tm1)]
+    np.testing.assert_allclose(float(metrics["td_error_abs_mean"]), np.abs(target - q_tm1).mean(), rtol=1e-5)
+    with pytest.raises(ValueError, match="next_item_head"):
+        update_jit(state, batch, network=QNetwork(SMALL), config=config)
 
 
 SEQUENCE_ITEMS = 8

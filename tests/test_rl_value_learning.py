@@ -10,6 +10,7 @@ import pytest
 from rl.value_learning import (
     double_q_learning,
     double_q_learning_target,
+    expected_sarsa_target,
     huber_loss,
     q_learning,
     q_learning_target,
@@ -108,3 +109,11 @@ def test_huber_loss_values(x: float, delta: float, expected: float) -> None:
 def test_huber_gradient_is_clipped_to_delta() -> None:
     grads = jax.vmap(jax.grad(lambda x: huber_loss(x, 1.0)))(jnp.array([-5.0, -0.5, 0.0, 0.5, 5.0]))
     np.testing.assert_array_equal(grads, [-1.0, -0.5, 0.0, 0.5, 1.0])
+
+
+def test_expected_sarsa_target_weights_next_values_by_the_given_probabilities() -> None:
+    # 1 + 0.5 * (0.25 * 2 + 0.75 * 4) = 2.75; max would give 1 + 0.5 * 4 = 3.
+    q_t, probs = jnp.array([2.0, 4.0]), jnp.array([0.25, 0.75])
+    assert float(expected_sarsa_target(jnp.array(1.0), jnp.array(0.5), q_t, probs)) == 2.75
+    # At an episode's end (discount 0) the target is the reward alone.
+    assert float(expected_sarsa_target(jnp.array(1.0), jnp.array(0.0), q_t, probs)) == 1.0

@@ -59,6 +59,12 @@ class ModelSettings:
     learning_rate: float = setting(1e-3, help="Adam step size")
     max_grad_norm: float = setting(10.0, help="gradient clipping by global norm")
     double_dqn: bool = setting(True, help="Double DQN targets")
+    td_bootstrap: str = setting(
+        "max",
+        help="how the next state is valued in the TD target: max (Q-learning at its best action) or "
+        "expected (the mean of Q under the next-item head's distribution: the shoppers' own choices; "
+        "needs --sqn-weight > 0)",
+    )
     target_update: str = setting("periodic", help="target network sync: periodic (hard copy) or polyak")
     target_update_period: int = setting(500, help="updates between hard target copies")
     polyak_tau: float = setting(0.005, help="blend weight per update with --target-update polyak")
@@ -107,6 +113,10 @@ class ModelSettings:
             raise ConfigError("serve_q_weight and serve_next_item_weight cannot both be 0")
         if self.target_update not in ("periodic", "polyak"):
             raise ConfigError(f"target_update must be periodic or polyak, got {self.target_update!r}")
+        if self.td_bootstrap not in ("max", "expected"):
+            raise ConfigError(f"td_bootstrap must be max or expected, got {self.td_bootstrap!r}")
+        if self.td_bootstrap == "expected" and self.sqn_weight <= 0:
+            raise ConfigError("td_bootstrap expected values states by the next-item head: set sqn_weight > 0")
         if self.action_granularity not in ACTION_GRANULARITIES:
             raise ConfigError(
                 f"action_granularity must be one of {', '.join(ACTION_GRANULARITIES)}, "

@@ -69,6 +69,7 @@ def learner_config_for(settings: ModelSettings) -> LearnerConfig:
         learning_rate=settings.learning_rate,
         max_grad_norm=settings.max_grad_norm,
         double_dqn=settings.double_dqn,
+        bootstrap=settings.td_bootstrap,  # type: ignore[arg-type]
         target_update=settings.target_update,  # type: ignore[arg-type]
         target_update_period=settings.target_update_period,
         polyak_tau=settings.polyak_tau,
