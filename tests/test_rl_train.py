@@ -273,47 +273,11 @@ def one_hot_obs(states: list[int]) -> ObsBatch:
     )
 
 
-def test_dqn_learns_the_optimal_q_of_a_chain() -> None:
-    gamma = 0.9
-    q_star = chain_q_star(gamma)
-    # Sanity of the task itself: going right is optimal everywhere, looping left at 0 is not.
-    assert np.all(q_star[:, RIGHT] > q_star[:, LEFT])
-    # Every (state, action) pair once: 8 transitions, sampled uniformly from the buffer.
-    pairs = [(s, a) for s in range(4) for a in (LEFT, RIGHT)]
-    outcomes = [chain_step(s, a) for s, a in pairs]
-    states, actions = [s for s, _ in pairs], [a for _, a in pairs]
-    next_states = [s2 for s2, _, _ in outcomes]
-    rewards = [r for _, r, _ in outcomes]
-    dones = [done for _, _, done in outcomes]
-    buffer = ReplayBuffer(64, window=0, feature_dim=CHAIN_STATES)
-    buffer.add(transition_batch(one_hot_obs(states), actions, rewards, dones, one_hot_obs(next_states)))
-
-    network_config = NetworkConfig(num_actions=2, embed_dim=16, hidden_sizes=(64, 64))
-    config = LearnerConfig(gamma=gamma, learning_rate=3e-3, target_update_period=50, double_dqn=True)
-    network = QNetwork(network_config)
-    state = create_train_state(network_config, config, one_hot_obs([0]), jax.random.key(0))
-    rng = np.random.default_rng(0)
-    probe = one_hot_obs([0, 1, 2, 3])
-    apply = jax.jit(network.apply)
-    error = np.inf
-    deadline = time.monotonic() + 30.0
-    while time.monotonic() < deadline:
-        batches, _, _ = buffer.sample_stacked(100, 32, rng)
-        state, _ = update_many(state, batches, network=network, config=config)
-        error = float(np.max(np.abs(np.asarray(apply(state.params, probe)) - q_star)))
-        if error < 0.02 and int(state.step) >= 2000:
-            break
-    assert error < 0.05, f"max |Q - Q*| = {error:.3f} after {int(state.step)} updates"
-
-
-def test_expected_bootstrap_learns_the_q_of_the_logged_choices() -> None:
-    """bootstrap='expected' values s' under the next-item head's distribution: on logs where each
-    state's two actions were taken equally often, that head learns 50/50 and Q converges to the
-    uniform-random policy's Q, not to Q* (which the max bootstrap learns from the same logs)."""
-    gamma = 0.9
-    uniform = np.full((4, 2), 0.5)
-    q_uniform = chain_q_star(gamma, uniform)
-    assert np.max(np.abs(q_uniform - chain_q_star(gamma))) > 0.2  # the two targets differ clearly
+def train_on_the_chain(
+    network_config: NetworkConfig, config: LearnerConfig, wanted_q: np.ndarray
+) -> tuple[float, int]:
+    """Replay every (state, action) pair of the chain once each, uniformly, until Q is within 0.02 of
+    `wanted_q` after at least 2,000 updates (or 30 s pass); returns max |Q - wanted_q| and the steps."""
     pairs = [(s, a) for s in range(4) for a in (LEFT, RIGHT)]
     outcomes = [chain_step(s, a) for s, a in pairs]
     buffer = ReplayBuffer(64, window=0, feature_dim=CHAIN_STATES)
@@ -326,10 +290,6 @@ def test_expected_bootstrap_learns_the_q_of_the_logged_choices() -> None:
             one_hot_obs([s2 for s2, _, _ in outcomes]),
         )
     )
-    network_config = NetworkConfig(num_actions=2, embed_dim=16, hidden_sizes=(64, 64), next_item_head=True)
-    config = LearnerConfig(
-        gamma=gamma, learning_rate=3e-3, target_update_period=50, sqn_weight=1.0, bootstrap="expected"
-    )
     network = QNetwork(network_config)
     state = create_train_state(network_config, config, one_hot_obs([0]), jax.random.key(0))
     rng = np.random.default_rng(0)
@@ -340,10 +300,36 @@ def test_expected_bootstrap_learns_the_q_of_the_logged_choices() -> None:
     while time.monotonic() < deadline:
         batches, _, _ = buffer.sample_stacked(100, 32, rng)
         state, _ = update_many(state, batches, network=network, config=config)
-        error = float(np.max(np.abs(np.asarray(apply(state.params, probe)) - q_uniform)))
+        error = float(np.max(np.abs(np.asarray(apply(state.params, probe)) - wanted_q)))
         if error < 0.02 and int(state.step) >= 2000:
             break
-    assert error < 0.05, f"max |Q - Q_uniform| = {error:.3f} after {int(state.step)} updates"
+    return error, int(state.step)
+
+
+def test_dqn_learns_the_optimal_q_of_a_chain() -> None:
+    gamma = 0.9
+    q_star = chain_q_star(gamma)
+    # Sanity of the task itself: going right is optimal everywhere, looping left at 0 is not.
+    assert np.all(q_star[:, RIGHT] > q_star[:, LEFT])
+    network_config = NetworkConfig(num_actions=2, embed_dim=16, hidden_sizes=(64, 64))
+    config = LearnerConfig(gamma=gamma, learning_rate=3e-3, target_update_period=50, double_dqn=True)
+    error, steps = train_on_the_chain(network_config, config, q_star)
+    assert error < 0.05, f"max |Q - Q*| = {error:.3f} after {steps} updates"
+
+
+def test_expected_bootstrap_learns_the_q_of_the_logged_choices() -> None:
+    """bootstrap='expected' values s' under the next-item head's distribution: on logs where each
+    state's two actions were taken equally often, that head learns 50/50 and Q converges to the
+    uniform-random policy's Q, not to Q* (which the max bootstrap learns from the same logs)."""
+    gamma = 0.9
+    q_uniform = chain_q_star(gamma, np.full((4, 2), 0.5))
+    assert np.max(np.abs(q_uniform - chain_q_star(gamma))) > 0.2  # the two targets differ clearly
+    network_config = NetworkConfig(num_actions=2, embed_dim=16, hidden_sizes=(64, 64), next_item_head=True)
+    config = LearnerConfig(
+        gamma=gamma, learning_rate=3e-3, target_update_period=50, sqn_weight=1.0, bootstrap="expected"
+    )
+    error, steps = train_on_the_chain(network_config, config, q_uniform)
+    assert error < 0.05, f"max |Q - Q_uniform| = {error:.3f} after {steps} updates"
 
 
 def test_expected_bootstrap_target_is_the_next_item_weighted_mean_of_q() -> None:
