@@ -323,8 +323,8 @@ class KafkaBusConsumer:
         """Repair kafka-python 3.0.12's dropped join (see subscribe()): a join attempt that finished
         after poll() stopped waiting for it, while nothing asks for a rejoin any more, is never
         completed; the member would stay in REBALANCING with its heartbeat off for good. Asking for a
-        rejoin makes the next poll() join again (the broker has usually expired the old member id by
-        then; the client takes a new one). A no-op unless exactly that state is seen."""
+        rejoin makes the next poll() join again, with the same member id while the broker still knows
+        it, else with a new one. A no-op unless exactly that state is seen."""
         coordinator = getattr(self._consumer, "_coordinator", None)
         task = getattr(coordinator, "_join_task", None)
         if coordinator is None or task is None or self.group_id is None:
