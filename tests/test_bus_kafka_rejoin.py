@@ -21,9 +21,9 @@ ROUNDS = 24
 def test_a_member_follows_every_partition_added_to_its_topic(
     bootstrap_servers: str, unique_name: Callable[[str], str]
 ) -> None:
-    """Each added partition makes the group leader rejoin; short polls end inside that rejoin often
-    enough that, unrepaired, about 1 in 25 such joins is dropped and the member never sees the
-    partitions added after it (with 24 rounds most runs of an unrepaired client fail here)."""
+    """Each added partition makes the group leader rejoin, and 20 ms polls often end inside that
+    rejoin: unrepaired, the member stopped at the first added partition in 3 runs of 3; repaired,
+    each run found and mended 5 to 9 dropped joins and took all 25 partitions."""
     topic, group = unique_name("grow"), unique_name("group")
     bus = KafkaBus(KafkaSettings(bootstrap_servers=bootstrap_servers, session_timeout_ms=6000))
     bus.create_topics([TopicSpec(topic, 1)])

@@ -290,8 +290,8 @@ class KafkaBusConsumer:
         # Without it the group leader assigns on an empty snapshot, sees the next refresh differ and
         # rejoins ~100 ms later: a needless second rebalance, and a risky one on kafka-python 3.0.12.
         # There a rejoin triggered by a metadata change stops counting as needed once the leader has
-        # assigned; if poll()'s timeout ends between that and the SyncGroup response (about 1 start in
-        # 25 here), no later poll completes the join: the heartbeat stays off and the broker expires
+        # assigned; if poll()'s timeout ends between that and the SyncGroup response (7 starts in
+        # 85 here), no later poll completes the join: the heartbeat stays off and the broker expires
         # the member (poll() repairs that state, see _rejoin_if_join_was_dropped; better not to enter it).
         try:
             self._consumer.topics()
