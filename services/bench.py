@@ -305,7 +305,7 @@ def _raw_produce_rate(bus: Any, topic: str, count: int) -> float:
     acknowledged, for the first ``count`` records of ``topic`` (what the state-builder just published
     there: same keys, values and headers) sent again to the same topic."""
     consumer = bus.consumer()
-    partitions = [TopicPartition(topic, p) for p in range(6)]
+    partitions = [TopicPartition(topic, p) for p in range(bus.partitions_for(topic))]
     consumer.assign(partitions)
     consumer.seek_to_beginning(partitions)
     records: list[Any] = []

@@ -55,7 +55,7 @@ from services.actor.service import Actor
 from services.actor.step import parse_split
 from services.bus.base import Bus, Producer, Record, TopicPartition
 from services.config import BusConfig, ConfigError, make_bus, register, setting
-from services.learner.config import SHOWN_SLOTS, LearnerServiceConfig, parse_sources
+from services.learner.config import SHOWN_SLOTS, TD_BOOTSTRAPS, LearnerServiceConfig, parse_sources
 from services.learner.service import Learner
 from services.learner.tabular import TABULAR_MODEL, TabularLearner, TabularLearnerConfig, model_topic_spec
 from services.metrics import serve_metrics
@@ -192,8 +192,8 @@ class DemoConfig(BusConfig):
             )
         if self.serve_next_item_weight != 0.0 and self.sqn_weight <= 0:
             raise ConfigError("serve_next_item_weight needs the next-item head: set sqn_weight > 0")
-        if self.td_bootstrap not in ("max", "expected"):
-            raise ConfigError(f"td_bootstrap must be max or expected, got {self.td_bootstrap!r}")
+        if self.td_bootstrap not in TD_BOOTSTRAPS:
+            raise ConfigError(f"td_bootstrap must be {' or '.join(TD_BOOTSTRAPS)}, got {self.td_bootstrap!r}")
         if self.serve_q_weight == 0.0 and self.serve_next_item_weight == 0.0:
             raise ConfigError("serve_q_weight and serve_next_item_weight cannot both be 0")
 

@@ -344,8 +344,11 @@ def test_sparkline_draws_each_window_against_the_highest() -> None:
 def test_the_expected_td_bootstrap_reaches_the_learners_update_and_needs_the_next_item_head(
     tmp_path: Path,
 ) -> None:
+    from rl.train import BOOTSTRAPS
     from services.demo import learner_config
+    from services.learner.config import TD_BOOTSTRAPS
 
+    assert TD_BOOTSTRAPS == BOOTSTRAPS  # the services' checks name what the learner accepts
     config = _small_learner_config(tmp_path, td_bootstrap="expected", sqn_weight=1.0)
     assert learner_config_for(config).bootstrap == "expected"
     assert learner_config_for(_small_learner_config(tmp_path)).bootstrap == "max"

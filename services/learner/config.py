@@ -15,6 +15,7 @@ TRANSITION_SOURCES = ("recommendation", "logged")
 
 
 SHOWN_SLOTS = ("all", "clicked")
+TD_BOOTSTRAPS = ("max", "expected")  # rl.train.BOOTSTRAPS, without importing JAX here
 
 
 def parse_sources(text: str) -> frozenset[str]:
@@ -113,8 +114,8 @@ class ModelSettings:
             raise ConfigError("serve_q_weight and serve_next_item_weight cannot both be 0")
         if self.target_update not in ("periodic", "polyak"):
             raise ConfigError(f"target_update must be periodic or polyak, got {self.target_update!r}")
-        if self.td_bootstrap not in ("max", "expected"):
-            raise ConfigError(f"td_bootstrap must be max or expected, got {self.td_bootstrap!r}")
+        if self.td_bootstrap not in TD_BOOTSTRAPS:
+            raise ConfigError(f"td_bootstrap must be {' or '.join(TD_BOOTSTRAPS)}, got {self.td_bootstrap!r}")
         if self.td_bootstrap == "expected" and self.sqn_weight <= 0:
             raise ConfigError("td_bootstrap expected values states by the next-item head: set sqn_weight > 0")
         if self.action_granularity not in ACTION_GRANULARITIES:
