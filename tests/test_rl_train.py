@@ -425,7 +425,7 @@ def test_chunked_bootstrap_equals_the_full_score_matrix(
     """Large catalogues reduce the bootstrap over chunks; the targets are those of the full (B, A) form."""
     from rl.train import _plain_bootstrap_targets, chunked_bootstrap_values
 
-    num_actions = 5_000  # > BOOTSTRAP_CHUNK, with a last chunk that is partly padding
+    num_actions = 5_000  # > CHUNKED_ABOVE, with a last chunk that is partly padding
     config = NetworkConfig(
         num_actions=num_actions, embed_dim=8, hidden_sizes=(16,), dueling=dueling, repeat_head=repeat_head
     )
