@@ -238,10 +238,13 @@ def chunked_bootstrap_values(
     allowed = jnp.pad(allowed, (0, pad)).reshape(chunks, chunk)  # padding is never allowed
 
     selector = params if double_dqn else target_params
-    sel_state, _, sel_repeat = cast(
+    sel_state, sel_value, sel_repeat = cast(
         "tuple[jax.Array, jax.Array | None, jax.Array | None]",
         network.apply(selector, obs_t, method=QNetwork.scoring_parts),
     )
+    # Plain DQN without the dueling form rates a* with the network that chose it, and its chunk
+    # scores are already Q(s_t, a): the best score is the value, and no position is tracked.
+    value_is_best = not double_dqn and sel_value is None
     sel_table = selector["params"]["item_embedding"]["embedding"]  # (A, E)
     sel_bias = selector["params"]["action_bias"]  # (A,)
     batch_size = sel_state.shape[0]
@@ -265,17 +268,23 @@ def chunked_bootstrap_values(
             local = jnp.where((local >= 0) & (local < chunk), local, chunk)
             scores = scores.at[local, rows].add(sel_repeat, mode="drop")
         value = jnp.max(scores, axis=0)  # (B,)
+        better = value > best  # strict: an earlier chunk keeps its ties
+        if value_is_best:
+            return (jnp.where(better, value, best), best_index), None
         # The first position of the max, by a plain min: XLA's argmax (a paired value-index
         # reduction) took longer on a CPU than the chunk's matrix product.
         index = jnp.min(jnp.where(scores == value, positions, chunk), axis=0)  # (B,)
-        better = value > best  # strict: an earlier chunk keeps its ties
         return (jnp.where(better, value, best), jnp.where(better, start + index, best_index)), None
 
     init = (jnp.full((batch_size,), -jnp.inf), jnp.zeros((batch_size,), jnp.int32))
     starts = jnp.arange(chunks, dtype=jnp.int32) * chunk
-    (_, best_index), _ = jax.lax.scan(best_of_chunk, init, (tables, biases, starts))
-    # The chosen action is rated by the target network, as QNetwork.q_for_actions rates any action.
-    return cast(jax.Array, network.apply(target_params, obs_t, best_index, method=QNetwork.q_for_actions))
+    (best, best_index), _ = jax.lax.scan(best_of_chunk, init, (tables, biases, starts))
+    # The chosen action is rated by the target network, as QNetwork.q_for_actions rates any action
+    # (action 0 where none is allowed: the best score is then -inf, which a target must not be).
+    rated = cast(jax.Array, network.apply(target_params, obs_t, best_index, method=QNetwork.q_for_actions))
+    if value_is_best:
+        return jnp.where(best > -jnp.inf, best, rated)
+    return rated
 
 
 def _plain_bootstrap_targets(

@@ -416,6 +416,7 @@ def test_sqn_next_item_head_learns_a_deterministic_sequence() -> None:
         (False, True, False),
         (True, True, False),
         (True, False, True),
+        (False, False, True),
         (False, True, True),
     ],
 )
@@ -458,6 +459,28 @@ def test_chunked_bootstrap_equals_the_full_score_matrix(
             network, state.params, state.target_params, batch.obs_t, action_mask, double_dqn=double_dqn
         )
         np.testing.assert_allclose(batch.r_t + discount * q_boot, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("double_dqn", [False, True])
+def test_chunked_bootstrap_rates_action_0_when_no_action_is_allowed(double_dqn: bool) -> None:
+    """Plain DQN takes the best chunk score as the value; with nothing allowed that score is -inf, and
+    the target must stay finite: action 0, rated by the target network, as Double DQN does."""
+    from rl.train import chunked_bootstrap_values
+
+    num_actions = 3_000
+    config = NetworkConfig(num_actions=num_actions, embed_dim=8, hidden_sizes=(16,))
+    network = QNetwork(config)
+    batch = random_batch(np.random.default_rng(5), 8, num_actions, window=4)
+    state = create_train_state(config, PERIODIC, batch.obs_tm1, jax.random.key(2))
+    nothing = jnp.zeros((num_actions,), bool)
+    q_boot = chunked_bootstrap_values(
+        network, state.params, state.target_params, batch.obs_t, nothing, double_dqn=double_dqn
+    )
+    expected = network.apply(
+        state.target_params, batch.obs_t, jnp.zeros((8,), jnp.int32), method=QNetwork.q_for_actions
+    )
+    assert np.all(np.isfinite(np.asarray(q_boot)))
+    np.testing.assert_allclose(q_boot, expected, rtol=1e-6)
 
 
 def revisit_batch(rng: np.random.Generator, rows: int, num_items: int, window: int = 4) -> TransitionBatch:
