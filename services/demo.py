@@ -100,6 +100,15 @@ class DemoConfig(BusConfig):
     report_every_minutes: float = setting(20.0, help="simulated minutes per point of the report's curves")
     policies: str = setting(DEFAULT_POLICIES, help="A/B split of the shoppers (policy=share,...)")
     epsilon: float = setting(0.1, help="exploration of the DQN, bandit and popularity policies")
+    epsilon_end: float | None = setting(
+        None,
+        help="the DQN's and the bandit's epsilon once their models have trained "
+        "--exploration-decay-steps updates, reached linearly (actor --epsilon-end; unset: --epsilon)",
+    )
+    exploration_decay_steps: int = setting(
+        4000,
+        help="learner updates over which epsilon decays to --epsilon-end (actor --exploration-decay-steps)",
+    )
     gamma: float = setting(0.8, help="discount of the DQN (the bandit's is 0)")
     learning_rate: float = setting(3e-3, help="Adam step size of the DQN and the bandit")
     replay_ratio: float = setting(
@@ -436,6 +445,8 @@ class Demo(ClosedLoop):
                 policies=config.policies,
                 split_salt=SPLIT_SALT,
                 epsilon=config.epsilon,
+                epsilon_end=config.epsilon_end,
+                exploration_decay_steps=config.exploration_decay_steps,
                 seed=config.seed,
                 # The shop's clock is simulated: a model swaps in at a simulated time, not when a
                 # background compile happens to finish, so a seed gives the same run every time.

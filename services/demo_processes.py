@@ -158,6 +158,8 @@ class ProcessDemo(ClosedLoop):
                     policies=config.process_policies,
                     split_salt=SPLIT_SALT,
                     epsilon=config.epsilon,
+                    epsilon_end=config.epsilon_end,
+                    exploration_decay_steps=config.exploration_decay_steps,
                     seed=config.seed,
                     user_state_topic=topic[USER_STATE],
                     model_topic=topic[MODEL],

@@ -35,6 +35,21 @@ class ActorConfig(BusConfig):
     exploration: str = setting("epsilon", help="exploration per slate position: epsilon (greedy) or softmax")
     epsilon: float = setting(0.1, help="probability of a uniformly random item at each position")
     temperature: float = setting(1.0, help="softmax temperature with --exploration softmax")
+    epsilon_end: float | None = setting(
+        None,
+        help="epsilon of model-backed policies once their model has trained --exploration-decay-steps "
+        "updates, reached linearly from --epsilon (unset: --epsilon throughout)",
+    )
+    temperature_end: float | None = setting(
+        None,
+        help="softmax temperature once the model has trained --exploration-decay-steps updates, reached "
+        "geometrically from --temperature (unset: --temperature throughout)",
+    )
+    exploration_decay_steps: int = setting(
+        10000,
+        help="learner updates (the served model's training step, so every actor replica and a restarted "
+        "actor agree) over which exploration decays to --epsilon-end or --temperature-end",
+    )
     policies: str = setting(
         "dqn=0.8,popularity=0.1,random=0.1",
         help="A/B split by stable user hash: policy=share,... (policies: dqn, popularity, random, "
@@ -70,5 +85,13 @@ class ActorConfig(BusConfig):
             raise ConfigError(f"epsilon must be between 0 and 1, got {self.epsilon}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.epsilon_end is not None and not 0.0 <= self.epsilon_end <= 1.0:
+            raise ConfigError(f"epsilon_end must be between 0 and 1, got {self.epsilon_end}")
+        if self.temperature_end is not None and self.temperature_end <= 0:
+            raise ConfigError(f"temperature_end must be > 0, got {self.temperature_end}")
+        if self.exploration_decay_steps < 1:
+            raise ConfigError(
+                f"exploration_decay_steps must be at least 1, got {self.exploration_decay_steps}"
+            )
         if self.slate_size < 1:
             raise ConfigError(f"slate_size must be at least 1, got {self.slate_size}")

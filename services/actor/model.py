@@ -94,6 +94,7 @@ class LiveModel:
     index: dict[str, int]  # raw action id (item, or category/brand) -> action index, for masks
     granularity: str = "item"
     groups: GroupCatalogue | None = None  # category/brand models: item -> group, items by popularity
+    step: int = 0  # the learner's update count when it published this version
 
     @classmethod
     def from_assembled(cls, model: AssembledModel) -> LiveModel:
@@ -130,6 +131,7 @@ class LiveModel:
             },
             granularity=bundle.granularity,
             groups=groups,
+            step=model.header.step,
         )
 
     @functools.cached_property

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from rl.exploration import boltzmann_temperature, linear_epsilon
 from rl.tabular import TabularModel, category_slate, state_index
 from schemas.codec import USER_STATES, DecodeError, encode
 from schemas.messages import Recommendation, RecommendedItem, UserState
@@ -78,6 +79,13 @@ class ActorMetrics(ProcessMetrics):
             registry=registry,
         )
         self.swaps = Counter("qrec_actor_model_swaps_total", "Model versions swapped in", registry=registry)
+        self.exploration = Gauge(
+            "qrec_actor_exploration",
+            "Epsilon (or softmax temperature) of the last slates, by policy; it decays with the served "
+            "model's training step under --epsilon-end / --temperature-end",
+            ["policy"],
+            registry=registry,
+        )
         self.swap_failures = Counter(
             "qrec_actor_model_rejected_total",
             "Model versions rejected (corrupt, partial or unusable)",
@@ -166,6 +174,7 @@ class Actor:
         self.catalogue: Catalogue | None = None
         self.catalogue_consumer: Consumer | None = None
         self._mask_cache: dict[tuple[int, int], tuple[Mapping[str, int], np.ndarray]] = {}
+        self._exploration_by_step: dict[int, float] = {}  # the schedule is evaluated once per model step
         if config.catalogue_topic:
             self._open_catalogue(config.catalogue_topic)
         # The baselines' models, each read from its own topic like the DQN's.
@@ -413,8 +422,40 @@ class Actor:
         seeds[: len(states)] = [event_key(self.config.seed, s.source_event_id) for s in states]
         return seeds
 
-    def _exploration_value(self) -> float:
-        return self.config.epsilon if self.config.exploration == "epsilon" else self.config.temperature
+    def _exploration_value(self, model: LiveModel | None = None) -> float:
+        """Epsilon or temperature; with --epsilon-end / --temperature-end it decays with the training
+        step of the model that serves (rl.exploration), and policies without a model keep the start."""
+        step = 0 if model is None else model.step
+        cached = self._exploration_by_step.get(step)
+        if cached is None:
+            if len(self._exploration_by_step) >= 64:
+                self._exploration_by_step.clear()
+            cached = self._exploration_by_step[step] = self._scheduled_exploration(step)
+        return cached
+
+    def _scheduled_exploration(self, step: int) -> float:
+        config = self.config
+        if config.exploration == "epsilon":
+            if config.epsilon_end is None:
+                return config.epsilon
+            return float(
+                linear_epsilon(
+                    step,
+                    start=config.epsilon,
+                    end=config.epsilon_end,
+                    decay_steps=config.exploration_decay_steps,
+                )
+            )
+        if config.temperature_end is None:
+            return config.temperature
+        return float(
+            boltzmann_temperature(
+                step,
+                start=config.temperature,
+                end=config.temperature_end,
+                decay_steps=config.exploration_decay_steps,
+            )
+        )
 
     def _serve_dqn(self, states: list[UserState], model: LiveModel) -> list[list[RecommendedItem]]:
         size = len(states)
@@ -429,7 +470,7 @@ class Actor:
             obs,
             allowed,
             self._seeds(states, padded),
-            np.float32(self._exploration_value()),
+            np.float32(self._exploration_value(model)),
             network=model.network,
             k=self.config.slate_size,
             exploration=self.config.exploration,
@@ -595,9 +636,11 @@ class Actor:
             if policy == "dqn" and model is not None:
                 slates = self._serve_dqn(states, model)
                 version = model.version
+                self.metrics.exploration.labels(policy).set(self._exploration_value(model))
             elif policy == "bandit" and self.bandit_model is not None:
                 slates = self._serve_dqn(states, self.bandit_model)
                 version = self.bandit_model.version
+                self.metrics.exploration.labels(policy).set(self._exploration_value(self.bandit_model))
             elif policy == "tabular_q" and self.tabular is not None:
                 slates = self._serve_tabular(states, self.tabular)
             elif policy in self.external:
