@@ -55,3 +55,21 @@ def test_without_an_end_value_exploration_ignores_the_step() -> None:
 def test_bad_schedules_are_refused(overrides: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         ActorConfig(**overrides)  # type: ignore[arg-type]
+
+
+def test_softmax_temperature_decays_geometrically_with_the_step() -> None:
+    model = category_model()
+    actor, registry = make_actor(
+        EmbeddedBus(),
+        "dqn=1",
+        exploration="softmax",
+        temperature=2.0,
+        temperature_end=0.5,
+        exploration_decay_steps=100,
+    )
+    for step, temperature in ((0, 2.0), (50, 1.0), (100, 0.5), (5_000, 0.5)):
+        actor.model = dataclasses.replace(model, step=step)
+        [rec] = actor.serve(records([state(f"u-{step}", f"e-{step}", "s1")]))
+        gauge = registry.get_sample_value("qrec_actor_exploration", {"policy": "dqn"})
+        assert gauge == pytest.approx(temperature, rel=1e-6)
+        assert 0 < rec.items[0].propensity < 1  # softmax over two categories: neither is certain

@@ -436,26 +436,12 @@ class Actor:
     def _scheduled_exploration(self, step: int) -> float:
         config = self.config
         if config.exploration == "epsilon":
-            if config.epsilon_end is None:
-                return config.epsilon
-            return float(
-                linear_epsilon(
-                    step,
-                    start=config.epsilon,
-                    end=config.epsilon_end,
-                    decay_steps=config.exploration_decay_steps,
-                )
-            )
-        if config.temperature_end is None:
-            return config.temperature
-        return float(
-            boltzmann_temperature(
-                step,
-                start=config.temperature,
-                end=config.temperature_end,
-                decay_steps=config.exploration_decay_steps,
-            )
-        )
+            start, end, schedule = config.epsilon, config.epsilon_end, linear_epsilon
+        else:
+            start, end, schedule = config.temperature, config.temperature_end, boltzmann_temperature
+        if end is None:
+            return start
+        return float(schedule(step, start=start, end=end, decay_steps=config.exploration_decay_steps))
 
     def _serve_dqn(self, states: list[UserState], model: LiveModel) -> list[list[RecommendedItem]]:
         size = len(states)
