@@ -10,6 +10,7 @@ model keeps serving. Before any model exists, the DQN group is served by popular
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -174,7 +175,8 @@ class Actor:
         self.catalogue: Catalogue | None = None
         self.catalogue_consumer: Consumer | None = None
         self._mask_cache: dict[tuple[int, int], tuple[Mapping[str, int], np.ndarray]] = {}
-        self._exploration_by_step: dict[int, float] = {}  # the schedule is evaluated once per model step
+        # The schedule is evaluated once per model step, not per batch (it runs as small JAX ops).
+        self._exploration_at = functools.lru_cache(maxsize=64)(self._scheduled_exploration)
         if config.catalogue_topic:
             self._open_catalogue(config.catalogue_topic)
         # The baselines' models, each read from its own topic like the DQN's.
@@ -425,13 +427,7 @@ class Actor:
     def _exploration_value(self, model: LiveModel | None = None) -> float:
         """Epsilon or temperature; with --epsilon-end / --temperature-end it decays with the training
         step of the model that serves (rl.exploration), and policies without a model keep the start."""
-        step = 0 if model is None else model.step
-        cached = self._exploration_by_step.get(step)
-        if cached is None:
-            if len(self._exploration_by_step) >= 64:
-                self._exploration_by_step.clear()
-            cached = self._exploration_by_step[step] = self._scheduled_exploration(step)
-        return cached
+        return self._exploration_at(0 if model is None else model.step)
 
     def _scheduled_exploration(self, step: int) -> float:
         config = self.config
