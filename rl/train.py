@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rl.batch import ObsBatch, TransitionBatch, check_transition_batch
+from rl.batch import OOV_INDEX, PAD_INDEX, ObsBatch, TransitionBatch, check_transition_batch
 from rl.config_utils import config_from_dict, config_to_dict
 from rl.networks import (
     ACTION_ROW_PATHS,
@@ -38,6 +38,10 @@ from rl.value_learning import double_q_learning_target, expected_sarsa_target, h
 TARGET_UPDATES = ("periodic", "polyak")
 BOOTSTRAPS = ("max", "expected")
 WEIGHT_DECAY_SCOPES = ("items", "all")
+ITEM_UPDATES = ("auto", "dense", "lazy")
+# With item_updates "auto", catalogues above this many actions get lazy item-table updates (where
+# the loss allows them): below it the dense Adam step over the table is a small share of an update.
+LAZY_ITEM_UPDATES_ABOVE = 10_000
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -77,6 +81,13 @@ class LearnerConfig:
     """Decoupled (AdamW) decay: each update also subtracts learning_rate * weight_decay * w; 0 disables it."""
     weight_decay_scope: Literal["items", "all"] = "items"
     """What decays: 'items' the item embedding table, 'all' every weight matrix and table (no biases)."""
+    item_updates: Literal["auto", "dense", "lazy"] = "auto"
+    """How Adam moves the per-action rows (item table and action biases). 'dense': every row at every
+    update, as optax.adam does. 'lazy': only the rows the batch's loss reaches (the taken actions and
+    the items in the s_tm1 windows), as TensorFlow's LazyAdam: the other rows keep their values and
+    moments until a batch reaches them, so an update costs O(B·W·E) there instead of O(A·E). Needs a
+    loss that reaches no other row: no next-item loss (sqn_weight 0) and no dueling form. 'auto':
+    lazy above 10,000 actions when the loss allows it and weight_decay is 0, dense otherwise."""
     seed: int = 0
     """Seed for parameter initialisation when no key is given."""
 
@@ -105,6 +116,12 @@ class LearnerConfig:
             raise ValueError("td_weight and sqn_weight cannot both be 0: nothing would be learned")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.item_updates not in ITEM_UPDATES:
+            raise ValueError(f"item_updates must be one of {ITEM_UPDATES}, got {self.item_updates!r}")
+        if self.item_updates == "lazy" and self.sqn_weight > 0:
+            raise ValueError(
+                "item_updates 'lazy' needs sqn_weight 0: the next-item softmax reaches every item's row"
+            )
         if self.weight_decay_scope not in WEIGHT_DECAY_SCOPES:
             raise ValueError(
                 f"weight_decay_scope must be one of {WEIGHT_DECAY_SCOPES}, got {self.weight_decay_scope!r}"
@@ -370,15 +387,30 @@ def update(
         )
     assert target_tm1.shape == (batch_size,), target_tm1.shape
 
+    # Lazy item updates: the loss runs on a network whose action rows are only those the batch
+    # reaches (gathered, with the window and action indices renumbered to match), and Adam updates
+    # those rows and their moments; the rest of every per-action table is left as it is.
+    if lazy_item_updates(config, network.config):
+        touched = touched_action_rows(batch, num_actions)  # (U,)
+        loss_network = QNetwork(dataclasses.replace(network.config, num_actions=touched.shape[0]))
+        obs_tm1 = batch.obs_tm1.replace(items=_local_rows(touched, batch.obs_tm1.items))
+        a_tm1 = _local_rows(touched, batch.a_tm1)
+        params_in = gather_action_rows(state.params, touched, num_actions)
+        opt_state_in = gather_action_rows(state.opt_state, touched, num_actions)
+    else:
+        touched = None
+        loss_network, obs_tm1, a_tm1 = network, batch.obs_tm1, batch.a_tm1
+        params_in, opt_state_in = state.params, state.opt_state
+
     def loss_fn(params: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
         if use_sqn:
-            q_tm1_a, logits = network.apply(
-                params, batch.obs_tm1, batch.a_tm1, method=QNetwork.q_for_actions_and_next_item_logits
+            q_tm1_a, logits = loss_network.apply(
+                params, obs_tm1, a_tm1, method=QNetwork.q_for_actions_and_next_item_logits
             )  # (B,), (B, A)
-            cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, batch.a_tm1)  # (B,)
+            cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, a_tm1)  # (B,)
             next_item_loss = _mean_over(batch.weights * cross_entropy, next_item_rows)
         else:
-            q_tm1_a = network.apply(params, batch.obs_tm1, batch.a_tm1, method=QNetwork.q_for_actions)
+            q_tm1_a = loss_network.apply(params, obs_tm1, a_tm1, method=QNetwork.q_for_actions)
             next_item_loss = jnp.zeros((), jnp.float32)
         assert q_tm1_a.shape == (batch_size,), q_tm1_a.shape
         td_error = target_tm1 - q_tm1_a  # (B,)
@@ -395,10 +427,13 @@ def update(
         }
         return loss, aux
 
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params_in)
     optimizer = make_optimizer(config)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, opt_state = optimizer.update(grads, opt_state_in, params_in)
+    params = optax.apply_updates(params_in, updates)
+    if touched is not None:
+        params = scatter_action_rows(state.params, params, touched, num_actions)
+        opt_state = scatter_action_rows(state.opt_state, opt_state, touched, num_actions)
     step = state.step + 1
     if config.target_update == "periodic":
         # Copies exactly when step is a multiple of the period: after the period-th update, not before.
@@ -408,6 +443,77 @@ def update(
     metrics = {"loss": loss, **aux, "grad_norm": optax.tree_utils.tree_norm(grads)}
     new_state = TrainState(params=params, target_params=target_params, opt_state=opt_state, step=step)
     return new_state, metrics
+
+
+def lazy_item_updates(config: LearnerConfig, network_config: NetworkConfig) -> bool:
+    """Whether `update` moves only the action rows each batch reaches (LearnerConfig.item_updates)."""
+    if config.item_updates == "dense":
+        return False
+    if config.item_updates == "lazy":
+        if network_config.dueling:
+            raise ValueError(
+                "item_updates 'lazy' needs dueling False: the dueling form's mean reaches every item's row"
+            )
+        return True
+    return (
+        network_config.num_actions > LAZY_ITEM_UPDATES_ABOVE
+        and config.sqn_weight == 0
+        and config.weight_decay == 0
+        and not network_config.dueling
+    )
+
+
+def touched_action_rows(batch: TransitionBatch, num_actions: int) -> jax.Array:
+    """The action indices the TD loss reaches, sorted, (U,) with U = B·W + B + 2: padding and OOV
+    (always, so they keep local indices 0 and 1), the s_tm1 window items and the taken actions;
+    the unused tail is filled with num_actions (out of range: gathers 0, scatters nothing)."""
+    ids = jnp.concatenate(
+        [
+            jnp.array([PAD_INDEX, OOV_INDEX], jnp.int32),
+            batch.obs_tm1.items.reshape(-1).astype(jnp.int32),
+            batch.a_tm1.astype(jnp.int32),
+        ]
+    )
+    return jnp.unique(ids, size=ids.shape[0], fill_value=num_actions)
+
+
+def _local_rows(touched: jax.Array, indices: jax.Array) -> jax.Array:
+    """Positions of `indices` in the sorted `touched`: the same order, so padding stays 0, OOV 1."""
+    return jnp.searchsorted(touched, indices).astype(jnp.int32)
+
+
+def _is_action_row_leaf(path: Sequence[Any], leaf: Any, num_actions: int) -> bool:
+    names = _dict_key_names(path)
+    return (
+        any(names[-len(row_path) :] == row_path for row_path in ACTION_ROW_PATHS)
+        and hasattr(leaf, "shape")
+        and leaf.ndim >= 1
+        and leaf.shape[0] == num_actions
+    )
+
+
+def gather_action_rows(tree: Any, touched: jax.Array, num_actions: int) -> Any:
+    """`tree` (parameters, or optimizer state shaped like them) with every per-action leaf cut to
+    the rows in `touched`, (A, ...) -> (U, ...); rows past the table read 0."""
+
+    def gather(path: Sequence[Any], leaf: Any) -> Any:
+        if not _is_action_row_leaf(path, leaf, num_actions):
+            return leaf
+        return jnp.asarray(leaf).at[touched].get(mode="fill", fill_value=0)
+
+    return jax.tree_util.tree_map_with_path(gather, tree)
+
+
+def scatter_action_rows(full: Any, rows: Any, touched: jax.Array, num_actions: int) -> Any:
+    """`rows` (a tree from gather_action_rows, updated) written back into `full`: the per-action
+    leaves at the rows in `touched` (past the table: dropped), every other leaf taken from `rows`."""
+
+    def scatter(path: Sequence[Any], leaf: Any, row_leaf: Any) -> Any:
+        if not _is_action_row_leaf(path, leaf, num_actions):
+            return row_leaf
+        return jnp.asarray(leaf).at[touched].set(row_leaf, mode="drop")
+
+    return jax.tree_util.tree_map_with_path(scatter, full, rows)
 
 
 @functools.partial(jax.jit, static_argnames=("network", "config"))

@@ -108,3 +108,18 @@ def test_config_args_rebuild_the_config_in_another_process(monkeypatch: pytest.M
         assert rebuilt == dataclasses.replace(original, sasl_plain_password=None)
     assert config_args(originals[0])[config_args(originals[0]).index("--gamma") + 1] == "0.0"
     assert "--no-double-dqn" in config_args(originals[0])
+
+
+def test_the_learners_item_updates_setting_is_checked_and_reaches_the_update() -> None:
+    from rl.train import ITEM_UPDATES as RL_ITEM_UPDATES
+    from services.learner.config import ITEM_UPDATES, LearnerServiceConfig
+    from services.learner.trainer import learner_config_for
+
+    assert ITEM_UPDATES == RL_ITEM_UPDATES  # the service's check names what the learner accepts
+    config = load_config(LearnerServiceConfig, {"item_updates": "dense"}, env={})
+    assert learner_config_for(config).item_updates == "dense"
+    assert learner_config_for(load_config(LearnerServiceConfig, {}, env={})).item_updates == "auto"
+    with pytest.raises(ConfigError, match="item_updates must be one of auto, dense, lazy"):
+        load_config(LearnerServiceConfig, {"item_updates": "sparse"}, env={})
+    with pytest.raises(ConfigError, match="sqn-weight 0"):
+        load_config(LearnerServiceConfig, {"item_updates": "lazy", "sqn_weight": 1.0}, env={})

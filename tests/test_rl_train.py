@@ -16,9 +16,11 @@ from rl.networks import NetworkConfig, QNetwork, q_values
 from rl.replay import ReplayBuffer
 from rl.serialize import tree_from_bytes, tree_to_bytes
 from rl.train import (
+    LAZY_ITEM_UPDATES_ABOVE,
     LearnerConfig,
     TrainState,
     create_train_state,
+    lazy_item_updates,
     reset_action_rows,
     stack_batches,
     update,
@@ -230,6 +232,114 @@ def test_analytic_flops_agree_with_the_compiler_cost_model() -> None:
         )
         # The compiler also counts elementwise work (ReLU, Adam), a few percent at this size.
         assert 0.9 < analytic / cost["flops"] <= 1.0, (double, analytic, cost["flops"])
+
+
+# --- Lazy item updates ------------------------------------------------------------------------
+
+LAZY_NETWORK = NetworkConfig(num_actions=8, embed_dim=4, hidden_sizes=(8,), repeat_head=True)
+
+
+def reached_rows(batch: TransitionBatch) -> set[int]:
+    return {*np.asarray(batch.obs_tm1.items).ravel().tolist(), *np.asarray(batch.a_tm1).tolist()}
+
+
+def test_lazy_item_updates_equal_dense_adam_when_every_row_is_reached() -> None:
+    rng = np.random.default_rng(1)
+    batches = [random_batch(rng, 64, 8, window=3) for _ in range(4)]
+    assert all(reached_rows(batch) == set(range(8)) for batch in batches)  # else the two may differ
+    results = {}
+    for mode in ("dense", "lazy"):
+        config = LearnerConfig(item_updates=mode, learning_rate=1e-2, target_update_period=2)  # type: ignore[arg-type]
+        state = create_train_state(LAZY_NETWORK, config, batches[0].obs_tm1, jax.random.key(0))
+        results[mode] = update_many(
+            state, stack_batches(batches), network=QNetwork(LAZY_NETWORK), config=config
+        )
+    (dense_state, dense_metrics), (lazy_state, lazy_metrics) = results["dense"], results["lazy"]
+    # Params, target, Adam's count and moments: the whole state, leaf by leaf.
+    jax.tree.map(lambda d, z: np.testing.assert_allclose(z, d, rtol=1e-5, atol=1e-7), dense_state, lazy_state)
+    for name in ("loss", "grad_norm", "q_mean"):
+        np.testing.assert_allclose(lazy_metrics[name], dense_metrics[name], rtol=1e-5)
+
+
+def rows_batch(rng: np.random.Generator, low: int, high: int) -> TransitionBatch:
+    """16 transitions whose s_tm1 windows and actions use items in [low, high) only (plus padding);
+    s_t's windows use items 30..39, which only the bootstrap reads."""
+
+    def obs(items: np.ndarray) -> ObsBatch:
+        return ObsBatch(
+            items=items.astype(np.int32),
+            event_types=np.where(items > 0, 1, 0).astype(np.int32),
+            gaps=rng.random(items.shape).astype(np.float32),
+            features=rng.normal(size=(16, 3)).astype(np.float32),
+        )
+
+    items_tm1 = rng.integers(low, high, size=(16, 2))
+    items_tm1[:3, 0] = 0  # some padding
+    return transition_batch(
+        obs(items_tm1),
+        rng.integers(low, high, 16),
+        rng.normal(size=16),
+        np.zeros(16, bool),
+        obs(rng.integers(30, 40, size=(16, 2))),
+    )
+
+
+def item_rows(state: TrainState) -> dict[str, np.ndarray]:
+    adam = state.opt_state[1][0]
+    return {
+        "table": np.asarray(state.params["params"]["item_embedding"]["embedding"]),
+        "bias": np.asarray(state.params["params"]["action_bias"]),
+        "mu": np.asarray(adam.mu["params"]["item_embedding"]["embedding"]),
+        "nu": np.asarray(adam.nu["params"]["item_embedding"]["embedding"]),
+        "bias_nu": np.asarray(adam.nu["params"]["action_bias"]),
+    }
+
+
+@pytest.mark.parametrize("mode", ["lazy", "dense"])
+def test_lazy_item_updates_leave_rows_no_batch_reaches_and_their_moments_as_they_are(mode: str) -> None:
+    network_config = NetworkConfig(num_actions=40, embed_dim=4, hidden_sizes=(8,))
+    config = LearnerConfig(item_updates=mode, learning_rate=1e-2)  # type: ignore[arg-type]
+    rng = np.random.default_rng(3)
+    first, second = rows_batch(rng, 2, 10), rows_batch(rng, 10, 20)
+    state = create_train_state(network_config, config, first.obs_tm1, jax.random.key(0))
+    network = QNetwork(network_config)
+    start = item_rows(state)
+    state = update_jit(state, first, network=network, config=config)[0]
+    after_first = item_rows(state)
+    state = update_jit(state, second, network=network, config=config)[0]
+    after_second = item_rows(state)
+    assert int(state.opt_state[1][0].count) == 2
+    first_rows, second_rows, never = np.arange(2, 10), np.arange(10, 20), np.arange(20, 40)
+    for name in after_second:
+        # Each batch moves its own rows, in both modes.
+        assert not np.allclose(after_first[name][first_rows], start[name][first_rows]), name
+        assert not np.allclose(after_second[name][second_rows], after_first[name][second_rows]), name
+        # Rows no batch reached (s_t's items included: the bootstrap takes no gradient) never move.
+        np.testing.assert_array_equal(after_second[name][never], start[name][never])
+        if mode == "lazy":  # the first batch's rows wait, values and moments, for a batch to reach them
+            np.testing.assert_array_equal(after_second[name][first_rows], after_first[name][first_rows])
+        else:  # dense Adam moves them on their momentum and decays their moments
+            assert not np.allclose(after_second[name][first_rows], after_first[name][first_rows]), name
+
+
+def test_auto_item_updates_are_lazy_for_large_catalogues_whose_loss_allows_it() -> None:
+    large = NetworkConfig(num_actions=LAZY_ITEM_UPDATES_ABOVE + 1)
+    assert lazy_item_updates(LearnerConfig(), large)
+    assert not lazy_item_updates(LearnerConfig(), NetworkConfig(num_actions=LAZY_ITEM_UPDATES_ABOVE))
+    # The next-item softmax, the dueling mean and weight decay reach every row.
+    assert not lazy_item_updates(
+        LearnerConfig(sqn_weight=1.0), dataclasses.replace(large, next_item_head=True)
+    )
+    assert not lazy_item_updates(LearnerConfig(), dataclasses.replace(large, dueling=True))
+    assert not lazy_item_updates(LearnerConfig(weight_decay=0.1), large)
+    assert not lazy_item_updates(LearnerConfig(item_updates="dense"), large)
+    assert lazy_item_updates(LearnerConfig(item_updates="lazy"), SMALL)
+    with pytest.raises(ValueError, match="dueling"):
+        lazy_item_updates(LearnerConfig(item_updates="lazy"), dataclasses.replace(SMALL, dueling=True))
+    with pytest.raises(ValueError, match="sqn_weight 0"):
+        LearnerConfig(item_updates="lazy", sqn_weight=1.0)
+    with pytest.raises(ValueError, match="item_updates"):
+        LearnerConfig(item_updates="sparse")  # type: ignore[arg-type]
 
 
 # --- Learning for real -------------------------------------------------------------------------

@@ -16,6 +16,7 @@ TRANSITION_SOURCES = ("recommendation", "logged")
 
 SHOWN_SLOTS = ("all", "clicked")
 TD_BOOTSTRAPS = ("max", "expected")  # rl.train.BOOTSTRAPS, without importing JAX here
+ITEM_UPDATES = ("auto", "dense", "lazy")  # rl.train.ITEM_UPDATES
 
 
 def parse_sources(text: str) -> frozenset[str]:
@@ -70,6 +71,13 @@ class ModelSettings:
     target_update_period: int = setting(500, help="updates between hard target copies")
     polyak_tau: float = setting(0.005, help="blend weight per update with --target-update polyak")
     sqn_weight: float = setting(0.0, help="weight of the SQN next-item loss (0 disables the head)")
+    item_updates: str = setting(
+        "auto",
+        help="how Adam moves the item table: dense (every row, every update), lazy (only the rows a batch "
+        "reaches: its taken actions and window items; the rest keep their values and moments, as "
+        "LazyAdam; needs --sqn-weight 0 and no --dueling) or auto (lazy above 10,000 actions where "
+        "allowed: the dense step over a large table is memory-bound and costs about a third of an update)",
+    )
     split_losses: bool = setting(
         False,
         help="learn the next-item head only from logged transitions (the user's own choices) and Q only "
@@ -118,6 +126,15 @@ class ModelSettings:
             raise ConfigError(f"td_bootstrap must be {' or '.join(TD_BOOTSTRAPS)}, got {self.td_bootstrap!r}")
         if self.td_bootstrap == "expected" and self.sqn_weight <= 0:
             raise ConfigError("td_bootstrap expected values states by the next-item head: set sqn_weight > 0")
+        if self.item_updates not in ITEM_UPDATES:
+            raise ConfigError(
+                f"item_updates must be one of {', '.join(ITEM_UPDATES)}, got {self.item_updates!r}"
+            )
+        if self.item_updates == "lazy" and (self.sqn_weight > 0 or self.dueling):
+            raise ConfigError(
+                "item_updates lazy needs --sqn-weight 0 and no --dueling: both reach every item's row; "
+                "use auto or dense"
+            )
         if self.action_granularity not in ACTION_GRANULARITIES:
             raise ConfigError(
                 f"action_granularity must be one of {', '.join(ACTION_GRANULARITIES)}, "

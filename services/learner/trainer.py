@@ -75,6 +75,7 @@ def learner_config_for(settings: ModelSettings) -> LearnerConfig:
         polyak_tau=settings.polyak_tau,
         sqn_weight=settings.sqn_weight,
         split_losses=settings.split_losses,
+        item_updates=settings.item_updates,  # type: ignore[arg-type]
         seed=settings.seed,
     )
 
