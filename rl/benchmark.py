@@ -121,6 +121,33 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
     return flops * _best_rate(lambda: (matmul(a, b).block_until_ready(), 1)[1], repeats)
 
 
+def layer_matmul_flops(batch_size: int, widths: tuple[int, ...], repeats: int = 5, chain: int = 200) -> float:
+    """FLOP/s of the network's own layer products with nothing else: `chain` passes of a (batch x
+    widths[0]) block through bare (w_i x w_i+1) matrices (no bias, no activation), the best of
+    `repeats`. What the matmul engine reaches at the update's small shapes, next to the large-square
+    peak of `matmul_peak_flops`."""
+    assert widths[0] == widths[-1], "the chain feeds its output back in: first and last width must match"
+    keys = jax.random.split(jax.random.key(1), len(widths))
+    x = jax.random.normal(keys[0], (batch_size, widths[0]), jnp.float32)
+    weights = [
+        jax.random.normal(key, (a, b), jnp.float32) * a**-0.5
+        for key, (a, b) in zip(keys[1:], itertools.pairwise(widths), strict=True)
+    ]
+
+    def passes(x: jax.Array, weights: list[jax.Array]) -> jax.Array:
+        def one(_: Any, h: jax.Array) -> jax.Array:
+            for w in weights:
+                h = h @ w
+            return h
+
+        return jax.lax.fori_loop(0, chain, one, x)
+
+    run = jax.jit(passes)
+    run(x, weights).block_until_ready()
+    flops = chain * sum(2 * batch_size * a * b for a, b in itertools.pairwise(widths))
+    return flops * _best_rate(lambda: (run(x, weights).block_until_ready(), 1)[1], repeats)
+
+
 def _seed_loop_tps(
     network: QNetwork,
     state_params: Any,
@@ -302,9 +329,14 @@ def bench_learner(quick: bool = False) -> dict[str, Any]:
     result = bench_case(1_000, quick=quick, peak_flops=peak_before)
     result["items_100k"] = bench_case(100_000, quick=quick, peak_flops=peak_before)
     peak = max(peak_before, matmul_peak_flops(repeats=3 if quick else 7))
+    # The encoder's layer shapes (64 -> 256 -> 256 -> 64, batch 256) bare: the ceiling of its products.
+    widths = (FEATURE_DIM, *HIDDEN_SIZES, EMBED_DIM)
+    layers = layer_matmul_flops(BATCH_SIZE, widths, repeats=3 if quick else 7)
     for case in (result, result["items_100k"]):
         case["matmul_peak_flops"] = peak
         case["fraction_of_peak"] = case["achieved_flops"] / peak
+        case["layer_matmul_flops"] = layers
+        case["fraction_of_layer_matmul"] = case["achieved_flops"] / layers
     result["device"] = str(jax.devices()[0].platform)
     result["quick"] = quick
     result["wall_seconds"] = time.perf_counter() - start

@@ -1,4 +1,5 @@
-"""Pieces of the benchmarks that can be checked without running them."""
+"""Pieces of the benchmarks that can be checked without running them, and the learner benchmark's
+short run (what it reports, not how fast)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,21 @@ def test_hop_latencies_time_each_record_from_send_to_read() -> None:
     assert len(latencies) == 500, "every record sent in the measured part is read once; the warm-up is not"
     assert all(0.0 <= seconds < 5.0 for seconds in latencies)
     assert sorted(latencies)[len(latencies) // 2] == pytest.approx(0.0, abs=0.5)
+
+
+def test_the_learner_benchmark_reports_every_figure_for_both_catalogues() -> None:
+    from rl.benchmark import bench_learner
+
+    result = bench_learner(quick=True)
+    keys = ("seed_loop_tps", "jit_batch_tps", "qrec_tps", "ratio_vs_seed", "ratio_vs_jit_batch")
+    keys += ("matmul_peak_flops", "achieved_flops", "layer_matmul_flops", "fraction_of_layer_matmul")
+    for case, actions, item_updates in ((result, 1_000, "dense"), (result["items_100k"], 100_000, "lazy")):
+        assert case["num_actions"] == actions
+        assert all(case[key] > 0 for key in keys), case
+        assert case["ratio_vs_seed"] == pytest.approx(case["qrec_tps"] / case["seed_loop_tps"])
+        assert case["achieved_flops"] == pytest.approx(case["flops_per_update"] * case["qrec_tps"] / 256)
+        # Over 10,000 actions the default update is lazy, and dense Adam is timed beside it.
+        assert case["item_updates"] == item_updates
+        assert ("lazy_speedup" in case) == (item_updates == "lazy")
+    large = result["items_100k"]
+    assert large["lazy_speedup"] == pytest.approx(large["qrec_tps"] / large["qrec_dense_items_tps"])
