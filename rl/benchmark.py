@@ -5,7 +5,8 @@
     target[a] = r + gamma * max Q(s')), then one jitted single-sample fit step (MSE, Adam);
 (b) jit batch: one jitted batched DQN update per call (CleanRL's dqn_jax shape: full Q(s) for the
     batch, gather the taken action, Huber, clipped Adam; target copied from the Python loop);
-(c) qrec: `rl.train.update_many`, K updates fused in one `lax.scan`, target sync inside, TD loss on
+(c) qrec: `rl.train.update_many_in_place` (the learner's call: `update_many` writing into the donated
+    state), K updates fused in one `lax.scan`, target sync inside, TD loss on
     the gathered taken action only; over 10,000 actions Adam moves only the item rows each batch
     reaches (`LearnerConfig.item_updates` "auto"), and the same update with dense Adam is timed
     beside it (`qrec_dense_items_tps`).
@@ -32,7 +33,13 @@ import optax
 
 from rl.batch import ObsBatch, TransitionBatch
 from rl.networks import NetworkConfig, QNetwork, q_values
-from rl.train import LearnerConfig, create_train_state, lazy_item_updates, make_optimizer, update_many
+from rl.train import (
+    LearnerConfig,
+    create_train_state,
+    lazy_item_updates,
+    make_optimizer,
+    update_many_in_place,
+)
 from rl.value_learning import huber_loss
 
 FEATURE_DIM = 64
@@ -241,12 +248,13 @@ def _qrec_tps(
     repeats: int,
 ) -> float:
     num_fused, batch_size = stacked.a_tm1.shape
+    # As the learner runs it: in place, each call's state going into the next (and the next repeat).
+    current = [jax.tree.map(jnp.copy, state)]
 
     def run_loop(count: int) -> int:
-        current = state
         for _ in range(count):
-            current, _ = update_many(current, stacked, network=network, config=config)
-        jax.block_until_ready(current)
+            current[0], _ = update_many_in_place(current[0], stacked, network=network, config=config)
+        jax.block_until_ready(current[0])
         return count * num_fused * batch_size
 
     run_loop(1)  # compile

@@ -516,8 +516,7 @@ def scatter_action_rows(full: Any, rows: Any, touched: jax.Array, num_actions: i
     return jax.tree_util.tree_map_with_path(scatter, full, rows)
 
 
-@functools.partial(jax.jit, static_argnames=("network", "config"))
-def update_many(
+def _update_many(
     state: TrainState,
     batches: TransitionBatch,
     *,
@@ -537,6 +536,45 @@ def update_many(
         return update(carry, batch, network=network, config=config, action_mask=action_mask)
 
     return jax.lax.scan(body, state, batches)
+
+
+update_many = jax.jit(_update_many, static_argnames=("network", "config"))
+# The same, writing the new state into the buffers of the one passed in (donated): no copy of the
+# parameters, target and Adam moments per call (5-7% of a fused call over a 100,000-item table).
+# The caller must not use `state`, or any array taken from it, afterwards.
+_update_many_donating = jax.jit(
+    _update_many, static_argnames=("network", "config"), donate_argnames=("state",)
+)
+
+
+def update_many_in_place(
+    state: TrainState,
+    batches: TransitionBatch,
+    *,
+    network: QNetwork,
+    config: LearnerConfig,
+    action_mask: jax.Array | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """`update_many`, writing the new state into the buffers of `state` (donated to the call)."""
+    return _update_many_donating(
+        _unaliased(state), batches, network=network, config=config, action_mask=action_mask
+    )
+
+
+def _unaliased(tree: Any) -> Any:
+    """`tree` with a copy in place of every array object that already appeared in it: a buffer can be
+    donated once per call (e.g. a bias set to one array in both the online and target parameters)."""
+    seen: set[int] = set()
+
+    def own(leaf: Any) -> Any:
+        if not isinstance(leaf, jax.Array | np.ndarray):
+            return leaf
+        if id(leaf) in seen:
+            return jnp.copy(leaf)
+        seen.add(id(leaf))
+        return leaf
+
+    return jax.tree.map(own, tree)
 
 
 # One update per call, compiled; the counterpart of update_many for callers without stacked batches.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import msgspec
 import numpy as np
 import pytest
@@ -281,7 +282,7 @@ def test_training_stops_after_patience_checks_without_a_new_best_and_keeps_the_b
 
     def fake_validate(params, validation):
         score = next(scores)
-        kept.append(params)
+        kept.append(jax.tree.map(np.array, params))  # a copy: training goes on in the same buffers
         return score
 
     monkeypatch.setattr(model, "_validate_with", fake_validate)
@@ -290,7 +291,10 @@ def test_training_stops_after_patience_checks_without_a_new_best_and_keeps_the_b
     model.fit(epochs=100, eval_every=per_call, validation=targets, patience=3)
     assert [score for _, score in model.validation_curve] == [0.0, 0.2, 0.5, 0.4, 0.5, 0.3, 0.45, 0.5]
     assert [done for done, _ in model.validation_curve] == [n * per_call for n in range(8)]
-    assert model.params is kept[4]  # the parameters of the best check, not the last
+    # The parameters of the best check, not the last.
+    jax.tree.map(np.testing.assert_array_equal, model.params, kept[4])
+    last_table = kept[-1]["params"]["item_embedding"]["embedding"]
+    assert not np.array_equal(model.params["params"]["item_embedding"]["embedding"], last_table)
 
 
 def test_neural_model_starts_from_the_training_prior_with_the_configured_mode_and_decay(tmp_path):

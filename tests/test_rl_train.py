@@ -26,6 +26,7 @@ from rl.train import (
     update,
     update_jit,
     update_many,
+    update_many_in_place,
     weight_decay_mask,
     with_next_item_prior,
 )
@@ -122,6 +123,19 @@ def test_update_many_equals_sequential_updates_and_reports_metrics() -> None:
     }
     assert all(value.shape == (4,) and bool(jnp.all(jnp.isfinite(value))) for value in metrics.values())
     np.testing.assert_allclose(metrics["loss"][-1], last["loss"], rtol=1e-5)
+    # In place: the same state, written into the donated input's buffers, which are then gone.
+    stacked = stack_batches(batches)
+    in_place, in_place_metrics = update_many_in_place(state, stacked, network=network, config=config)
+    jax.tree.map(np.testing.assert_array_equal, (in_place, in_place_metrics), (fused, metrics))
+    with pytest.raises(RuntimeError, match="deleted"):
+        np.asarray(state.params["params"]["action_bias"])
+    # A state holding one array twice (here the online bias as the target's too) is donated whole.
+    fresh = create_train_state(SMALL, config, batches[0].obs_tm1, jax.random.key(3))
+    bias = fresh.params["params"]["action_bias"]
+    target = {**fresh.target_params, "params": {**fresh.target_params["params"], "action_bias": bias}}
+    aliased = fresh.replace(target_params=target)
+    aliased, _ = update_many_in_place(aliased, stacked, network=network, config=config)
+    jax.tree.map(np.testing.assert_array_equal, aliased, fused)
 
 
 def test_action_mask_keeps_unassigned_actions_out_of_the_bootstrap() -> None:

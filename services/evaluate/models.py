@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rl.batch import ObsBatch
@@ -31,6 +32,11 @@ from services.learner.trainer import Trainer
 from services.state_builder.step import FEATURE_DIM
 
 SCORE_BATCH = 512  # rows scored per compiled call (padded), so one shape compiles once
+
+
+def _copy(params: Any) -> Any:
+    """Parameters in buffers of their own, which later in-place updates do not reach."""
+    return jax.tree.map(jnp.copy, params)
 
 
 @functools.partial(jax.jit, static_argnames=("network", "head"))
@@ -101,7 +107,8 @@ class NeuralModel:
             actions = self.trainer.vocabulary.lookup([t.a_tm1 for t in known])  # (N,)
             self.trainer.state = with_next_item_prior(self.trainer.state, actions)
         self.head = "q" if variant == "q_only" else "next_item"
-        self.params = self.trainer.state.params
+        # Copies: training updates the trainer's state in place, so a kept reference would not last.
+        self.params = _copy(self.trainer.state.params)
         self.validation_curve: list[tuple[int, float]] = []
 
     def total_updates(self, epochs: float, batch_size: int) -> int:
@@ -145,9 +152,9 @@ class NeuralModel:
                 self.validation_curve.append((done, score[0]))
                 checks_since_best += 1
                 if score > best:
-                    best, self.params, checks_since_best = score, trainer.state.params, 0
-            else:
-                self.params = trainer.state.params
+                    best, self.params, checks_since_best = score, _copy(trainer.state.params), 0
+        if not validation:
+            self.params = _copy(trainer.state.params)
 
     def _validate(self, validation: Sequence[Target]) -> tuple[float, float]:
         return self._validate_with(self.trainer.state.params, validation)

@@ -28,7 +28,7 @@ from rl.batch import OOV_INDEX, ObsBatch, TransitionBatch, empty_obs_batch, even
 from rl.networks import NetworkConfig, QNetwork, q_values
 from rl.replay import ReplayBuffer
 from rl.serialize import ENCODING, tree_from_bytes, tree_to_bytes
-from rl.train import LearnerConfig, TrainState, create_train_state, reset_action_rows, update_many
+from rl.train import LearnerConfig, TrainState, create_train_state, reset_action_rows, update_many_in_place
 from rl.value_learning import double_q_learning, q_learning
 from rl.vocabulary import ItemGroups, Vocabulary
 from schemas.messages import Observation, Transition
@@ -240,7 +240,8 @@ class Trainer:
         mask = self.action_mask()
         for _ in range(calls):
             batches, indices, _ = self.buffer.sample_stacked(per_call, self.settings.batch_size, self.rng)
-            self.state, metrics = update_many(
+            # In place: the old state's buffers become the new state's (hold no arrays of it across).
+            self.state, metrics = update_many_in_place(
                 self.state, batches, network=self.network, config=self.learner_config, action_mask=mask
             )
             if self.settings.prioritized:
