@@ -553,7 +553,7 @@ def update_many_in_place(
     *,
     network: QNetwork,
     config: LearnerConfig,
-    action_mask: jax.Array | None = None,
+    action_mask: jax.Array | np.ndarray | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """`update_many`, writing the new state into the buffers of `state` (donated to the call)."""
     return _update_many_donating(
