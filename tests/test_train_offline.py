@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from services.learner.config import TrainConfig
@@ -13,7 +14,9 @@ from services.learner.trainer import load_bundle
 from tests.helpers import TAOBAO, require_shared_data
 
 
-def test_training_on_a_real_log_lowers_the_held_out_td_loss(tmp_path: Path) -> None:
+# Both item-table updates: dense Adam, and the lazy one the learner uses above 10,000 actions.
+@pytest.mark.parametrize("item_updates", ["dense", "lazy"])
+def test_training_on_a_real_log_lowers_the_held_out_td_loss(tmp_path: Path, item_updates: str) -> None:
     require_shared_data(TAOBAO)
     head = tmp_path / "head.csv"
     with TAOBAO.open("rb") as source:
@@ -28,6 +31,7 @@ def test_training_on_a_real_log_lowers_the_held_out_td_loss(tmp_path: Path) -> N
         embed_dim=16,
         hidden_sizes="64,64",
         repeat_head=True,
+        item_updates=item_updates,
         batch_size=64,
         updates_per_call=8,
         holdout_fraction=0.2,
