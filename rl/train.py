@@ -483,6 +483,7 @@ def _local_rows(touched: jax.Array, indices: jax.Array) -> jax.Array:
 
 
 def _is_action_row_leaf(path: Sequence[Any], leaf: Any, num_actions: int) -> bool:
+    """Whether a leaf of parameters (or of optimizer state shaped like them) holds one row per action."""
     names = _dict_key_names(path)
     return (
         any(names[-len(row_path) :] == row_path for row_path in ACTION_ROW_PATHS)
@@ -636,12 +637,10 @@ def reset_action_rows(state: TrainState, indices: Sequence[int] | np.ndarray, ke
     new_embedding_rows = item_embedding_init(embed_dim)(key, (rows.shape[0], embed_dim), table.dtype)
 
     def reset_leaf(path: Sequence[Any], leaf: Any, *, fresh: bool) -> Any:
-        names = _dict_key_names(path)
-        matches = [row_path for row_path in ACTION_ROW_PATHS if names[-len(row_path) :] == row_path]
-        if not matches or not hasattr(leaf, "shape") or leaf.ndim < 1 or leaf.shape[0] != num_actions:
+        if not _is_action_row_leaf(path, leaf, num_actions):
             return leaf
         leaf = jnp.asarray(leaf)  # restored checkpoints hold numpy arrays, which have no .at
-        if fresh and matches[0] == ITEM_EMBEDDING_PATH:
+        if fresh and _dict_key_names(path)[-len(ITEM_EMBEDDING_PATH) :] == ITEM_EMBEDDING_PATH:
             return leaf.at[rows].set(new_embedding_rows)
         # Biases start at zero, as at initialisation; optimizer moments restart at zero.
         return leaf.at[rows].set(0)

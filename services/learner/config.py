@@ -76,7 +76,7 @@ class ModelSettings:
         help="how Adam moves the item table: dense (every row, every update), lazy (only the rows a batch "
         "reaches: its taken actions and window items; the rest keep their values and moments, as "
         "LazyAdam; needs --sqn-weight 0 and no --dueling) or auto (lazy above 10,000 actions where "
-        "allowed: the dense step over a large table is memory-bound and costs about a third of an update)",
+        "allowed: the dense step over a large table is memory-bound, a quarter to a third of an update)",
     )
     split_losses: bool = setting(
         False,
