@@ -222,6 +222,10 @@ class Window:
     purchases: Counter[str] = field(default_factory=Counter)
     reward: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     sessions: defaultdict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    # The oracle's measure (ShopperSimulator.slate_value) of the slates shown, and of the oracle's
+    # own slate for the same shopper at the same moment, summed over the slates shown.
+    slate_value: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
+    oracle_slate_value: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     events: int = 0
     transitions: int = 0
     updates: int = 0
@@ -246,6 +250,11 @@ class DemoMetrics:
                 "qrec_demo_reward_per_session", "Late-phase recommendation reward per shopping session"
             ),
             "sessions": gauge("qrec_demo_sessions", "Late-phase shopping sessions of the group"),
+            "slate_value_vs_oracle": gauge(
+                "qrec_demo_slate_value_vs_oracle_ratio",
+                "Late-phase expected immediate value of the slates shown over that of the oracle's "
+                "slates for the same shoppers at the same moments",
+            ),
             "coverage": gauge("qrec_exposure_coverage_ratio", "Share of the catalogue recommended"),
             "item_gini": gauge("qrec_exposure_item_gini", "Gini of recommendation exposure across items"),
             "brand_gini": gauge("qrec_exposure_brand_gini", "Gini of recommendation exposure across brands"),
@@ -318,6 +327,10 @@ class ClosedLoop(abc.ABC):
         self.organic_views = np.zeros((num_items,), np.int64)  # (num_items,) popularity of the catalogue
         self.labels: Counter[str] = Counter()  # recommendations by the policy label they carry
         self.groups: dict[str, str] = {}
+        # What the actor keeps each shopper from being shown (its mask_shown and mask_purchased), so
+        # the oracle's slate a shown one is measured against leaves out the same items.
+        self.last_slate: dict[str, list[str]] = {}
+        self.purchased: defaultdict[str, set[str]] = defaultdict(set)
         self.events_total = 0
         self.started_wall = time.monotonic()
 
@@ -378,6 +391,8 @@ class ClosedLoop(abc.ABC):
             self.producer.send(self.clickstream_topic, event.user_id.encode(), encode(event))
             group = self.group_of(event.user_id)
             window.sessions[group].add(event.session_id)
+            if event.event_type == "purchase" and event.item_id is not None:
+                self.purchased[event.user_id].add(event.item_id)
             if event.rec_id is not None:
                 window.reward[group] += REWARD_WEIGHTS.get(event.event_type, 0.0)
                 window.purchases[group] += event.event_type == "purchase"
@@ -389,6 +404,9 @@ class ClosedLoop(abc.ABC):
 
     def _show(self, records: Iterable[Record], now_ms: int, window: Window) -> None:
         """Show each recommendation to its shopper and send the reaction to the clickstream."""
+        # The actor decides a batch of slates at once, each keeping out the shopper's slate from
+        # before the batch; so does the oracle slate each is measured against.
+        slates: dict[str, list[str]] = {}
         for record in records:
             rec = RECOMMENDATIONS.decode(record.value)
             if not isinstance(rec, Recommendation):
@@ -401,10 +419,28 @@ class ClosedLoop(abc.ABC):
                 index = self.sim.item_index(item.item_id)
                 if index is not None:
                     exposure[index] += 1
+            shown = [slot.item_id for slot in rec.items]
+            value, best = self._slate_values(rec.user_id, shown, now_ms)
+            slates[rec.user_id] = shown
+            before = self.sim.shown_total
             response = self.sim.respond(rec, now_ms)
+            if self.sim.shown_total > before:  # it reached a shopper in session
+                window.slate_value[group] += value
+                window.oracle_slate_value[group] += best
             if any(e.event_type == "click" for e in response):
                 window.clicks[group] += 1
             self._send(response, window)
+        self.last_slate.update(slates)
+
+    def _slate_values(self, user_id: str, shown: list[str], now_ms: int) -> tuple[float, float]:
+        """The oracle's measure of a slate, and of the oracle's own slate for the same shopper now,
+        leaving out what the actor leaves out for them (their previous slate and purchases)."""
+        if self.sim.active_session_id(user_id) is None or not shown:
+            return 0.0, 0.0
+        blocked = [*self.last_slate.get(user_id, ()), *self.purchased.get(user_id, ())]
+        k = min(len(shown), self.sim.config.num_items)
+        best = self.sim.oracle_slate(user_id, k, now_ms, exclude=blocked)
+        return self.sim.slate_value(user_id, shown, now_ms), self.sim.slate_value(user_id, best, now_ms)
 
     def _close(self, window: Window, now: int, start: int) -> None:
         window.minute = (now - start) / 60_000
@@ -612,6 +648,7 @@ def _results(windows: Iterable[Window], groups: Iterable[str]) -> dict[str, dict
         recs = sum(w.recommendations[group] for w in windows)
         sessions = len(set().union(*(w.sessions[group] for w in windows))) if windows else 0
         reward = sum(w.reward[group] for w in windows)
+        oracle_value = sum(w.oracle_slate_value[group] for w in windows)
         results[group] = {
             "ctr": sum(w.clicks[group] for w in windows) / recs if recs else 0.0,
             "conversion": sum(w.purchases[group] for w in windows) / recs if recs else 0.0,
@@ -620,6 +657,9 @@ def _results(windows: Iterable[Window], groups: Iterable[str]) -> dict[str, dict
             "recommendations": recs,
             "reward": reward,
             "reward_per_recommendation": reward / recs if recs else 0.0,
+            "slate_value_vs_oracle": (
+                sum(w.slate_value[group] for w in windows) / oracle_value if oracle_value else 0.0
+            ),
         }
     return results
 
@@ -711,6 +751,7 @@ def live_table(demo: ClosedLoop) -> Table:
         "CTR",
         "conversion",
         "reward / session",
+        "slate value / oracle",
         "coverage",
     ):
         table.add_column(column, justify="right" if column != "policy" else "left")
@@ -729,6 +770,7 @@ def live_table(demo: ClosedLoop) -> Table:
             f"{numbers['ctr']:.1%}",
             f"{numbers['conversion']:.2%}",
             f"{numbers['reward_per_session']:.2f}",
+            f"{numbers['slate_value_vs_oracle']:.2f}",
             f"{numbers['coverage']:.1%}",
             sparkline(per_window.get(policy, []), top),
         )
@@ -824,7 +866,8 @@ def write_report(demo: ClosedLoop, out: Path) -> dict[str, Any]:
 
     rows = "".join(
         f"<tr><td>{p}</td><td>{v['sessions']:,}</td><td>{v['recommendations']:,}</td><td>{v['ctr']:.1%}</td>"
-        f"<td>{v['conversion']:.2%}</td><td>{v['reward_per_session']:.2f}</td></tr>"
+        f"<td>{v['conversion']:.2%}</td><td>{v['reward_per_session']:.2f}</td>"
+        f"<td>{v['slate_value_vs_oracle']:.2f}</td></tr>"
         for p, v in data["policies"].items()
     )
     fairness = "".join(
@@ -870,10 +913,14 @@ between policies by a stable hash of their id, so every policy faces the same si
 every learner learns from every group's transitions. Numbers are from the late phase (from simulated
 minute {data["late_phase_from_minute"]:.0f}): reward counts what recommendations earned in a session
 (click 1, favorite 2, add to cart 3, purchase 10, later purchases of carted items included).
+Slate value / oracle: the expected immediate reward of the slates shown, by the simulator's true
+preferences, over that of the oracle's slates for the same shoppers at the same moments; it does not
+depend on the shoppers' random draws, so it ranks the policies' choices with far less noise than
+reward per session, but it is myopic: what a click changes later is not in it.
 {how}</p>
 <p>DQN reward per session relative to the others: {ratios or "n/a"}. {in_session}</p>
 <table><tr><th>policy</th><th>sessions</th><th>recommendations</th><th>CTR</th><th>conversion</th>
-<th>reward / session</th></tr>{rows}</table>
+<th>reward / session</th><th>slate value / oracle</th></tr>{rows}</table>
 <h2>Exposure and fairness</h2>
 <p>Coverage: share of the catalogue recommended. Gini: inequality of exposure across items and across
 brands (0 equal, 1 all on one). Popularity bias: exposure-weighted mean popularity percentile of what was

@@ -29,7 +29,7 @@ from services.state_builder.step import FEATURE_DIM
 from services.topics import SOURCE_HEADER
 
 GROUPS = {"dqn", "popularity", "bandit", "tabular_q", "random", "oracle"}
-PER_POLICY = {"ctr", "conversion", "reward_per_session", "sessions"}
+PER_POLICY = {"ctr", "conversion", "reward_per_session", "sessions", "slate_value_vs_oracle"}
 EXPOSURE = {"coverage", "item_gini", "brand_gini", "popularity_bias"}
 
 
@@ -56,6 +56,12 @@ def test_short_demo_closes_the_loop_and_writes_the_report(tmp_path: Path) -> Non
         assert numbers["sessions"] > 0 and numbers["recommendations"] > 0, name
         assert 0.0 <= numbers["ctr"] <= 1.0 and 0.0 < numbers["coverage"] <= 1.0, name
     assert policies["oracle"]["reward_per_session"] > policies["random"]["reward_per_session"]
+    # Measured against the oracle's slate for the same shopper and moment, leaving out the same
+    # items: the oracle's own slates score about 1 (not exactly: the actor ranked at the time of the
+    # shopper's event, the shopper saw the slate up to a tick later), random slates far less.
+    assert policies["oracle"]["slate_value_vs_oracle"] == pytest.approx(1.0, abs=0.05)
+    assert 0.0 < policies["random"]["slate_value_vs_oracle"] < 0.2
+    assert policies["popularity"]["slate_value_vs_oracle"] > policies["random"]["slate_value_vs_oracle"]
     labels = summary["recommendations_by_label"]
     assert {"oracle", "popularity", "random"} <= set(labels), "every recommendation carries its policy"
     assert "tabular_q" in labels, "the tabular learner published a table the actor served"
@@ -73,6 +79,7 @@ def test_short_demo_closes_the_loop_and_writes_the_report(tmp_path: Path) -> Non
         assert (out / name).stat().st_size > 1000
     assert html.count("data:image/png;base64,") == 5, "the page is self-contained"
     assert "Exposure and fairness" in html and "popularity bias" in html
+    assert "slate value / oracle" in html
 
 
 @pytest.mark.timeout(400)
@@ -99,8 +106,10 @@ def test_demo_metrics_carry_only_a_policy_label() -> None:
         "item_gini": 0.6,
         "brand_gini": 0.3,
         "popularity_bias": 0.7,
+        "slate_value_vs_oracle": 0.55,
     }
     metrics.update({"dqn": numbers, "oracle": {**numbers, "reward_per_session": 9.0}})
+    assert registry.get_sample_value("qrec_demo_slate_value_vs_oracle_ratio", {"policy": "dqn"}) == 0.55
     assert registry.get_sample_value("qrec_demo_reward_per_session", {"policy": "dqn"}) == 3.5
     assert registry.get_sample_value("qrec_demo_reward_per_session", {"policy": "oracle"}) == 9.0
     assert registry.get_sample_value("qrec_exposure_item_gini", {"policy": "dqn"}) == 0.6

@@ -237,6 +237,32 @@ def test_oracle_excludes_items_and_prefers_high_utility() -> None:
     assert [rewards[i] for i in picked] == sorted((rewards[i] for i in picked), reverse=True)
 
 
+def test_slate_value_weighs_each_items_expected_reward_by_its_positions_examination() -> None:
+    sim = ShopperSimulator(SimulatorConfig(num_items=50, num_users=5, position_bias_exponent=0.8))
+    user = "shopper-0001"
+    rewards = sim.expected_click_rewards(user, START)
+    ids = sim.item_ids
+    # Positions 0, 1, 2: 1, 2 ** -0.8, 3 ** -0.8; the repeat (position 3) and the unknown id
+    # (position 4) count nothing, and the item after them is examined as position 5.
+    slate = [ids[4], ids[9], ids[2], ids[9], "sku-unknown", ids[7]]
+    expected = rewards[4] + 2**-0.8 * rewards[9] + 3**-0.8 * rewards[2] + 6**-0.8 * rewards[7]
+    assert sim.slate_value(user, slate, START) == pytest.approx(expected, rel=1e-12)
+    assert sim.slate_value(user, [], START) == 0.0
+    # The oracle's slate is the best by this measure: no swap of a slot for another item beats it.
+    best = sim.oracle_slate(user, 5, START)
+    top = sim.slate_value(user, best, START)
+    for position in range(5):
+        for other in ids:
+            if other not in best:
+                swapped = [*best[:position], other, *best[position + 1 :]]
+                assert sim.slate_value(user, swapped, START) <= top
+    assert sim.slate_value(user, best[::-1], START) < top
+    # Asking draws nothing: the behaviour that follows is the same as without the question.
+    twin = ShopperSimulator(SimulatorConfig(num_items=50, num_users=5, position_bias_exponent=0.8))
+    later = START + 3_600_000
+    assert [e.event_id for e in sim.advance(later)] == [e.event_id for e in twin.advance(later)]
+
+
 def test_preferences_drift_over_simulated_days_along_one_path() -> None:
     sim = ShopperSimulator()
     user = "shopper-0003"

@@ -221,6 +221,8 @@ class ShopperSimulator:
         self._session_counter = 0
         self._request_counter = 0
         self._stats: dict[str, dict[str, float]] = {}
+        self.shown_total = 0
+        """Slates ``respond`` showed to a shopper in session, over all policies (never reset)."""
 
     # ----------------------------------------------------------------------------------- lookups
 
@@ -297,6 +299,32 @@ class ShopperSimulator:
         top = np.argpartition(-value, k - 1)[:k]
         ranked = top[np.argsort(-value[top], kind="stable")]
         return [self.catalogue.item_ids[i] for i in ranked.tolist()]
+
+    def slate_value(self, user_id: str, item_ids: Iterable[str], now_ms: int) -> float:
+        """The oracle's own measure of a slate: sum over positions p of the examination chance of p
+        times the item's ``expected_click_rewards``.
+
+        Unknown ids and repeats count nothing but keep their position, as in ``respond``. It leaves
+        out how the items of one slate compete for the click, and what a click changes later, so it
+        is the expected immediate reward of a slate to first order; the oracle's slate is the one
+        that maximises it. It draws nothing: asking never changes what the shoppers do.
+        """
+        value = self.expected_click_rewards(user_id, now_ms)  # (num_items,)
+        ids = list(item_ids)
+        examine = (
+            self._examine_list
+            if len(ids) <= len(self._examine_list)
+            else self._examine_probabilities(len(ids)).tolist()
+        )
+        seen: set[int] = set()
+        total = 0.0
+        for position, item_id in enumerate(ids):
+            item = self._item_index.get(item_id)
+            if item is None or item in seen:
+                continue
+            seen.add(item)
+            total += examine[position] * float(value[item])
+        return total
 
     def _examine_probabilities(self, k: int) -> np.ndarray:
         positions = np.arange(k, dtype=np.float64)  # (k,)
@@ -636,6 +664,7 @@ class ShopperSimulator:
         cfg = self.config
         self._sync_drift(now_ms)
         stats["shown"] += 1
+        self.shown_total += 1
         utilities = self._session_utilities(session)
 
         # Position-biased examination, then a multinomial logit over the examined items and the
