@@ -914,7 +914,8 @@ every learner learns from every group's transitions. Numbers are from the late p
 minute {data["late_phase_from_minute"]:.0f}): reward counts what recommendations earned in a session
 (click 1, favorite 2, add to cart 3, purchase 10, later purchases of carted items included).
 Slate value / oracle: the expected immediate reward of the slates shown, by the simulator's true
-preferences, over that of the oracle's slates for the same shoppers at the same moments; it does not
+preferences and reaction model, over that of the oracle's slates for the same shoppers at the same
+moments; it does not
 depend on the shoppers' random draws, so it ranks the policies' choices with far less noise than
 reward per session, but it is myopic: what a click changes later is not in it.
 {how}</p>

@@ -237,28 +237,47 @@ def test_oracle_excludes_items_and_prefers_high_utility() -> None:
     assert [rewards[i] for i in picked] == sorted((rewards[i] for i in picked), reverse=True)
 
 
-def test_slate_value_weighs_each_items_expected_reward_by_its_positions_examination() -> None:
-    sim = ShopperSimulator(SimulatorConfig(num_items=50, num_users=5, position_bias_exponent=0.8))
+def test_slate_value_is_the_expected_reward_of_the_examined_items_multinomial_choice() -> None:
+    sim = ShopperSimulator(SimulatorConfig(num_items=50, num_users=5, clickbait_share=0.2))
     user = "shopper-0001"
-    rewards = sim.expected_click_rewards(user, START)
     ids = sim.item_ids
-    # Positions 0, 1, 2: 1, 2 ** -0.8, 3 ** -0.8; the repeat (position 3) and the unknown id
-    # (position 4) count nothing, and the item after them is examined as position 5.
-    slate = [ids[4], ids[9], ids[2], ids[9], "sku-unknown", ids[7]]
-    expected = rewards[4] + 2**-0.8 * rewards[9] + 3**-0.8 * rewards[2] + 6**-0.8 * rewards[7]
-    assert sim.slate_value(user, slate, START) == pytest.approx(expected, rel=1e-12)
+    utilities = sim.true_utilities(user, START)
+    alone = sim.expected_click_rewards(user, START)  # P(click | alone at the top) * E[reward | click]
+    appeal = sim.catalogue.clickbait * sim.config.clickbait_appeal
+    weight = np.exp(utilities + appeal - sim.config.no_click_utility)  # choice weight against no click
+    reward = alone * (1.0 + weight) / weight  # E[reward | click]
+    # One item: exactly its expected reward alone at the top.
+    assert sim.slate_value(user, [ids[3]], START) == pytest.approx(alone[3], rel=1e-12)
+    # Two items at positions 0 and 2 (the repeat and the unknown id at 1 and 3 count nothing):
+    # either is examined alone, or both are and they compete for the click.
+    e0, e2 = 1.0, 3**-0.8
+    a, b = 4, 9
+    both = (weight[a] * reward[a] + weight[b] * reward[b]) / (1.0 + weight[a] + weight[b])
+    expected = (
+        e0 * (1 - e2) * weight[a] / (1 + weight[a]) * reward[a]
+        + (1 - e0) * e2 * weight[b] / (1 + weight[b]) * reward[b]
+        + e0 * e2 * both
+    )
+    assert sim.slate_value(user, [ids[a], ids[a], ids[b], "sku-unknown"], START) == pytest.approx(
+        expected, rel=1e-12
+    )
     assert sim.slate_value(user, [], START) == 0.0
-    # The oracle's slate is the best by this measure: no swap of a slot for another item beats it.
-    best = sim.oracle_slate(user, 5, START)
-    top = sim.slate_value(user, best, START)
-    for position in range(5):
-        for other in ids:
-            if other not in best:
-                swapped = [*best[:position], other, *best[position + 1 :]]
-                assert sim.slate_value(user, swapped, START) <= top
-    assert sim.slate_value(user, best[::-1], START) < top
-    # Asking draws nothing: the behaviour that follows is the same as without the question.
-    twin = ShopperSimulator(SimulatorConfig(num_items=50, num_users=5, position_bias_exponent=0.8))
+    # Beyond 12 items the expectation is over fixed draws: repeatable, and close to the exact sum
+    # over all 2 ** 13 examined subsets.
+    thirteen = sim.oracle_slate(user, 13, START)
+    index = np.asarray([ids.index(item) for item in thirteen])
+    chance = (1.0 + np.arange(13)) ** -0.8
+    subsets = ((np.arange(2**13)[:, None] >> np.arange(13)) & 1).astype(bool)
+    p_subset = np.where(subsets, chance, 1.0 - chance).prod(axis=1)
+    chosen = subsets * weight[index]
+    exact = p_subset @ ((chosen / (1.0 + chosen.sum(axis=1, keepdims=True))) @ reward[index])
+    sampled = sim.slate_value(user, thirteen, START)
+    assert sampled == sim.slate_value(user, thirteen, START)
+    assert sampled == pytest.approx(exact, rel=0.02)
+    # The oracle's order beats its reverse; asking draws nothing from the shoppers' behaviour.
+    best = sim.oracle_slate(user, 10, START)
+    assert sim.slate_value(user, best[::-1], START) < sim.slate_value(user, best, START)
+    twin = ShopperSimulator(SimulatorConfig(num_items=50, num_users=5, clickbait_share=0.2))
     later = START + 3_600_000
     assert [e.event_id for e in sim.advance(later)] == [e.event_id for e in twin.advance(later)]
 

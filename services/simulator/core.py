@@ -86,6 +86,9 @@ _MIN_PREFERENCE = 1e-3
 _UNIFORM_BATCH = 4096
 _DRIFT_STREAM = 2  # spawn key of the drift shocks, apart from the world and behaviour streams
 _CLICKBAIT_STREAM = 3  # spawn key of the choice of clickbait items
+# slate_value: exact over every examined subset up to this many items, over fixed draws beyond.
+_EXACT_SLATE_ITEMS = 12
+_SLATE_VALUE_DRAWS = 4096
 _COUNTERS = ("recommendations", "shown", "clicks", "favorites", "carts", "purchases", "reward")
 
 
@@ -271,17 +274,23 @@ class ShopperSimulator:
         cfg = self.config
         utilities = self.true_utilities(user_id, now_ms)  # (num_items,)
         margin = utilities - cfg.no_click_utility
-        liking = 1.0 / (1.0 + np.exp(-margin))  # (num_items,)
         p_click = 1.0 / (1.0 + np.exp(-(margin + self._appeal)))  # (num_items,) clickbait is clicked more
-        buy_margin = margin - self._sensitivity[self._user(user_id)] * self.catalogue.log_price_relative
+        return cfg.slate_examine_probability * p_click * self._reward_of_click(self._user(user_id), utilities)
+
+    def _reward_of_click(self, user: int, utilities: np.ndarray) -> np.ndarray:
+        """Expected reward of a click on each item: the click, and the favorite, cart and purchase
+        that may follow it, which follow the item's worth (utility) alone; (num_items,)."""
+        cfg = self.config
+        margin = utilities - cfg.no_click_utility
+        liking = 1.0 / (1.0 + np.exp(-margin))  # (num_items,)
+        buy_margin = margin - self._sensitivity[user] * self.catalogue.log_price_relative
         p_buy = cfg.purchase_probability_scale / (1.0 + np.exp(-buy_margin))  # (num_items,)
         w = REWARD_WEIGHTS
-        reward_of_click = (
+        return (
             w["click"]
             + w["favorite"] * cfg.favorite_probability * liking
             + cfg.cart_probability_scale * liking * (w["add_to_cart"] + w["purchase"] * p_buy)
         )
-        return cfg.slate_examine_probability * p_click * reward_of_click
 
     def oracle_slate(self, user_id: str, k: int, now_ms: int, exclude: Iterable[str] = ()) -> list[str]:
         """The myopic oracle: the k items of highest expected immediate reward, best first.
@@ -301,30 +310,51 @@ class ShopperSimulator:
         return [self.catalogue.item_ids[i] for i in ranked.tolist()]
 
     def slate_value(self, user_id: str, item_ids: Iterable[str], now_ms: int) -> float:
-        """The oracle's own measure of a slate: sum over positions p of the examination chance of p
-        times the item's ``expected_click_rewards``.
+        """Expected immediate reward of showing this slate now, by the simulator's own reaction model.
 
-        Unknown ids and repeats count nothing but keep their position, as in ``respond``. It leaves
-        out how the items of one slate compete for the click, and what a click changes later, so it
-        is the expected immediate reward of a slate to first order; the oracle's slate is the one
-        that maximises it. It draws nothing: asking never changes what the shoppers do.
+        Each position p is examined with its chance, independently; the shopper picks among the
+        examined items and the no-click option by the multinomial logit of ``respond``; the click is
+        worth what ``expected_click_rewards`` counts after it (click, favorite, cart, purchase). The
+        expectation over which positions are examined is exact for up to 12 distinct known items,
+        and over 4,096 fixed draws beyond. Unknown ids and repeats count nothing but keep their
+        position, as in ``respond``. What a click changes later (a longer session, a clickbait exit)
+        is not in it. It draws nothing: asking never changes what the shoppers do.
         """
-        value = self.expected_click_rewards(user_id, now_ms)  # (num_items,)
+        cfg = self.config
+        user = self._user(user_id)
+        utilities = self.true_utilities(user_id, now_ms)  # (num_items,)
         ids = list(item_ids)
         examine = (
             self._examine_list
             if len(ids) <= len(self._examine_list)
             else self._examine_probabilities(len(ids)).tolist()
         )
-        seen: set[int] = set()
-        total = 0.0
+        items: list[int] = []
+        chances: list[float] = []
         for position, item_id in enumerate(ids):
             item = self._item_index.get(item_id)
-            if item is None or item in seen:
+            if item is None or item in items:
                 continue
-            seen.add(item)
-            total += examine[position] * float(value[item])
-        return total
+            items.append(item)
+            chances.append(examine[position])
+        if not items:
+            return 0.0
+        index = np.asarray(items)
+        chance = np.asarray(chances)  # (k,)
+        reward = self._reward_of_click(user, utilities)[index]  # (k,)
+        # Choice weights relative to the outside option: P(i | examined S) = w_i / (1 + sum_S w).
+        weight = np.exp(utilities[index] + self._appeal[index] - cfg.no_click_utility)  # (k,)
+        k = len(items)
+        if k <= _EXACT_SLATE_ITEMS:
+            examined = ((np.arange(2**k)[:, None] >> np.arange(k)) & 1).astype(bool)  # (2^k, k) every subset
+            p_examined = np.where(examined, chance, 1.0 - chance).prod(axis=1)  # (2^k,)
+        else:
+            draws = np.random.default_rng(0).random((_SLATE_VALUE_DRAWS, k))
+            examined = draws < chance  # (draws, k)
+            p_examined = np.full((_SLATE_VALUE_DRAWS,), 1.0 / _SLATE_VALUE_DRAWS)
+        chosen = examined * weight  # (subsets, k)
+        click = chosen / (1.0 + chosen.sum(axis=1, keepdims=True))  # (subsets, k)
+        return float(p_examined @ (click @ reward))
 
     def _examine_probabilities(self, k: int) -> np.ndarray:
         positions = np.arange(k, dtype=np.float64)  # (k,)
