@@ -37,6 +37,7 @@ ACTION_BIAS_PATH = ("params", "action_bias")
 NEXT_ITEM_BIAS_PATH = ("params", "next_item_bias")
 ACTION_ROW_PATHS = (ITEM_EMBEDDING_PATH, ACTION_BIAS_PATH, NEXT_ITEM_BIAS_PATH)
 REPEAT_MODES = ("replace", "mixture")
+SCORES = ("q", "next_item")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -63,6 +64,9 @@ class NetworkConfig:
     """How the repeat head enters the next-item logits: 'replace' (a window item's logit is its repeat
     score) or 'mixture' (RepeatNet's two modes: P(repeat | s) times a softmax over the window, plus
     P(explore | s) times a softmax over the other items)."""
+    scores: str = "q"
+    """What calling the network returns for every action: 'q' (Q(s, a)) or 'next_item' (the next-item
+    head's logits, repeat scores included: a published model that ranks by the supervised head)."""
 
     def __post_init__(self) -> None:
         if self.num_actions < 1:
@@ -77,6 +81,10 @@ class NetworkConfig:
             raise ValueError(f"repeat_hidden must be >= 1, got {self.repeat_hidden}")
         if self.repeat_mode not in REPEAT_MODES:
             raise ValueError(f"repeat_mode must be one of {REPEAT_MODES}, got {self.repeat_mode!r}")
+        if self.scores not in SCORES:
+            raise ValueError(f"scores must be one of {SCORES}, got {self.scores!r}")
+        if self.scores == "next_item" and not self.next_item_head:
+            raise ValueError("scores='next_item' needs next_item_head=True")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> NetworkConfig:
@@ -190,8 +198,10 @@ class QNetwork(nn.Module):
         return value[:, None] + advantage - advantage.mean(axis=1, keepdims=True)
 
     def __call__(self, obs: ObsBatch) -> jax.Array:
-        """Q(s, a) for all actions: (B, A)."""
+        """Q(s, a) for all actions, (B, A); the next-item logits instead with scores='next_item'."""
         hidden, context = self._encode(obs)
+        if self.config.scores == "next_item":
+            return self._next_item_from_hidden(obs, hidden, context)
         q = self._q_from_hidden(obs, hidden, context)
         assert q.shape == (obs.items.shape[0], self.config.num_actions), q.shape
         return q

@@ -152,6 +152,12 @@ class DemoConfig(BusConfig):
         help="shown-slot transitions the DQN and the bandit learn from: all, or clicked (SlateQ's value of "
         "an item given it is clicked; learner --shown-slots)",
     )
+    repeat_head: bool = setting(
+        False,
+        help="the DQN and the bandit also score the items of the shopper's recent window by a learned "
+        "repeat score (learner --repeat-head; their models then rank by the next-item head with it)",
+    )
+    window: int = setting(20, help="recent interactions in each shopper's state (state-builder --window)")
     seed: int = setting(7, help="seed of the simulated shop")
     processes: bool = setting(
         False,
@@ -470,7 +476,7 @@ class Demo(ClosedLoop):
         }
         self.registries["demo"] = self.registry
         self.builder = StateBuilder(
-            StateBuilderConfig(group_id=f"qrec-state-builder{suffix}", **common),
+            StateBuilderConfig(group_id=f"qrec-state-builder{suffix}", window=config.window, **common),
             bus,
             self.registries["state_builder"],
         )
@@ -619,6 +625,8 @@ def learner_config(config: DemoConfig, *, gamma: float, **overrides: Any) -> Lea
         split_losses=config.split_losses,
         td_bootstrap=config.td_bootstrap,
         shown_slots=config.shown_slots,
+        repeat_head=config.repeat_head,
+        window=config.window,
         # Q sums discounted rewards, about 1 / (1 - gamma) steps' worth: in per-step units the
         # DQN's and the bandit's values weigh alike against the next-item logit.
         serve_q_weight=config.serve_q_weight * (1.0 - gamma),

@@ -148,6 +148,7 @@ class ProcessDemo(ClosedLoop):
                     user_state_topic=topic[USER_STATE],
                     transitions_topic=topic[TRANSITIONS],
                     dead_letter_topic=topic[DEAD_LETTER],
+                    window=config.window,
                     **common,
                 ),
             ),

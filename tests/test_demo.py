@@ -17,6 +17,7 @@ from rich.console import Console
 
 from rl.batch import ObsBatch
 from rl.networks import NetworkConfig, QNetwork, init_params
+from rl.serialize import tree_from_bytes
 from schemas.codec import encode
 from schemas.messages import Observation, Transition
 from services.bus.embedded import EmbeddedBus
@@ -178,6 +179,9 @@ def test_serve_weights_and_sources_are_checked_at_start_up() -> None:
         LearnerServiceConfig(sqn_weight=1.0, serve_q_weight=0.0)
     with pytest.raises(ConfigError, match="repeat head"):
         LearnerServiceConfig(sqn_weight=1.0, serve_next_item_weight=1.0, repeat_head=True)
+    with pytest.raises(ConfigError, match="repeat head"):
+        LearnerServiceConfig(sqn_weight=1.0, serve_q_weight=0.0, serve_next_item_weight=2.0, repeat_head=True)
+    LearnerServiceConfig(sqn_weight=1.0, serve_q_weight=0.0, serve_next_item_weight=1.0, repeat_head=True)
     with pytest.raises(ConfigError, match=r"sources must be .*'logged,clicks'"):
         LearnerServiceConfig(sources="logged,clicks")
     assert LearnerServiceConfig(sources=" logged ").source_set() == {"logged"}
@@ -306,6 +310,44 @@ def test_learner_with_clicked_shown_slots_learns_clicked_slots_and_logged_rows_w
         (13.0, 0.0),
     ]
     learner.close()
+
+
+@pytest.mark.parametrize("repeat_mode", ["replace", "mixture"])
+def test_with_the_repeat_head_the_published_model_scores_by_the_next_item_head(repeat_mode: str) -> None:
+    settings = LearnerServiceConfig(
+        vocabulary_capacity=10,
+        embed_dim=4,
+        hidden_sizes="8",
+        window=3,
+        sqn_weight=1.0,
+        repeat_head=True,
+        serve_q_weight=0.0,
+        serve_next_item_weight=1.0,
+    )
+    trainer = Trainer(settings, FEATURE_DIM, network_changes={"repeat_mode": repeat_mode})
+    rng = np.random.default_rng(5)
+    # Trained-looking parameters: the repeat head starts at zero, which would hide what it adds.
+    trainer.state = trainer.state.replace(
+        params=jax.tree.map(
+            lambda leaf: np.asarray(leaf) + 0.3 * rng.standard_normal(np.shape(leaf)).astype(np.float32),
+            trainer.state.params,
+        )
+    )
+    network_config, bundle = load_bundle(trainer.bundle_bytes())
+    assert network_config.scores == "next_item" and trainer.network_config.scores == "q"
+    published = QNetwork(network_config)
+    params = tree_from_bytes(trainer.state.params, bundle.params)
+    obs = ObsBatch(
+        items=np.asarray([[0, 3, 3], [2, 5, 7]], np.int32),
+        event_types=np.asarray([[0, 1, 1], [1, 2, 1]], np.int32),
+        gaps=np.full((2, 3), 0.5, np.float32),
+        features=rng.standard_normal((2, FEATURE_DIM)).astype(np.float32),
+    )
+    served = np.asarray(published.apply(params, obs))
+    logits = np.asarray(trainer.network.apply(trainer.state.params, obs, method=QNetwork.next_item_logits))
+    np.testing.assert_allclose(served, logits, rtol=1e-6)
+    q = np.asarray(trainer.network.apply(trainer.state.params, obs))
+    assert not np.allclose(served, q), "the published model does not score by Q"
 
 
 def test_the_published_bundle_carries_the_blend_and_the_checkpoint_the_heads() -> None:

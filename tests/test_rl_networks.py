@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -276,3 +277,21 @@ def test_mixture_network_scores_are_log_probabilities_over_the_items() -> None:
     np.testing.assert_allclose(np.exp(logits[0, 3]) / np.exp(logits[0, 2]), 2.0, rtol=1e-5)
     with pytest.raises(ValueError, match="repeat_mode"):
         NetworkConfig(num_actions=4, repeat_mode="copy")
+
+
+def test_a_network_that_scores_by_the_next_item_head_returns_its_logits() -> None:
+    config = NetworkConfig(
+        num_actions=NUM_ACTIONS, embed_dim=8, hidden_sizes=(16,), next_item_head=True, repeat_head=True
+    )
+    network = QNetwork(config)
+    params = init_params_compiled(network, make_obs([[0, 2, 3]]), jax.random.key(2))
+    params = jax.tree.map(lambda leaf: leaf + 0.1, params)  # the repeat head starts at zero
+    obs = make_obs([[0, 2, 3], [4, 4, 6]])
+    served = QNetwork(dataclasses.replace(config, scores="next_item"))
+    np.testing.assert_allclose(
+        apply(served, params, obs), apply(network, params, obs, method=QNetwork.next_item_logits), rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="scores"):
+        NetworkConfig(num_actions=3, scores="value")
+    with pytest.raises(ValueError, match="next_item_head"):
+        NetworkConfig(num_actions=3, scores="next_item")

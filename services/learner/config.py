@@ -114,9 +114,15 @@ class ModelSettings:
         self.hidden()
         if self.serve_next_item_weight != 0.0 and self.sqn_weight <= 0:
             raise ConfigError("serve_next_item_weight needs the next-item head: set sqn_weight > 0")
-        if self.serve_next_item_weight != 0.0 and self.repeat_head:
+        if (
+            self.repeat_head
+            and self.serve_next_item_weight != 0.0
+            and (self.serve_q_weight != 0.0 or self.serve_next_item_weight != 1.0)
+        ):
             raise ConfigError(
-                "serve_next_item_weight cannot be blended with the repeat head: use one or the other"
+                "with the repeat head the heads cannot be blended: serve Q alone "
+                "(--serve-next-item-weight 0) or the next-item head alone, as it is "
+                "(--serve-q-weight 0 --serve-next-item-weight 1)"
             )
         if self.serve_q_weight == 0.0 and self.serve_next_item_weight == 0.0:
             raise ConfigError("serve_q_weight and serve_next_item_weight cannot both be 0")

@@ -293,25 +293,30 @@ class Trainer:
         """The published model: network config, shapes, online parameters and the vocabulary.
 
         The parameters are the online ones with the Q-head blended with the next-item head as the
-        settings' serve weights say (unchanged by default); checkpoints keep the heads apart.
+        settings' serve weights say (unchanged by default); checkpoints keep the heads apart. With the
+        repeat head and serve_q_weight 0, the parameters are unchanged and the published network
+        config says ``scores="next_item"``: readers score by the next-item head, repeat scores included.
         """
         from dataclasses import asdict
 
+        network_config = self.network_config
+        params = self.state.params
+        if self.network_config.repeat_head and self.settings.serve_q_weight == 0.0:
+            # The repeat head replaces the next-item logits of the window's items but adds to their
+            # Q, so no Q-shaped head scores the next-item head: the model says to score by it.
+            network_config = dataclasses.replace(network_config, scores="next_item")
+        else:
+            params = serving_params(
+                params,
+                q_weight=self.settings.serve_q_weight,
+                next_item_weight=self.settings.serve_next_item_weight,
+            )
         bundle = ModelBundle(
             format=1,
-            network_config={
-                **asdict(self.network_config),
-                "hidden_sizes": list(self.network_config.hidden_sizes),
-            },
+            network_config={**asdict(network_config), "hidden_sizes": list(network_config.hidden_sizes)},
             window=self.window,
             feature_dim=self.feature_dim,
-            params=tree_to_bytes(
-                serving_params(
-                    self.state.params,
-                    q_weight=self.settings.serve_q_weight,
-                    next_item_weight=self.settings.serve_next_item_weight,
-                )
-            ),
+            params=tree_to_bytes(params),
             vocabulary=self.vocabulary.to_bytes(),
             granularity=self.granularity,
             item_groups=b"" if self.granularity == "item" else self.item_groups.to_bytes(),
