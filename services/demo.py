@@ -99,7 +99,11 @@ class DemoConfig(BusConfig):
     tick_seconds: float = setting(30.0, help="simulated seconds per step of the loop")
     report_every_minutes: float = setting(20.0, help="simulated minutes per point of the report's curves")
     policies: str = setting(DEFAULT_POLICIES, help="A/B split of the shoppers (policy=share,...)")
-    epsilon: float = setting(0.1, help="exploration of the DQN, bandit and popularity policies")
+    epsilon: float = setting(
+        0.03,
+        help="exploration of the DQN, bandit and popularity policies (the networks learn from the shoppers' "
+        "own choices by default, which exploring does not add to, so it is kept low)",
+    )
     epsilon_end: float | None = setting(
         None,
         help="the DQN's and the bandit's epsilon once their models have trained "
@@ -153,11 +157,15 @@ class DemoConfig(BusConfig):
         "an item given it is clicked; learner --shown-slots)",
     )
     repeat_head: bool = setting(
-        False,
+        True,
         help="the DQN and the bandit also score the items of the shopper's recent window by a learned "
         "repeat score (learner --repeat-head; their models then rank by the next-item head with it)",
     )
-    window: int = setting(20, help="recent interactions in each shopper's state (state-builder --window)")
+    window: int = setting(
+        50,
+        help="recent interactions in each shopper's state (state-builder --window): the repeat head finds "
+        "the items a shopper keeps coming back to in it",
+    )
     seed: int = setting(7, help="seed of the simulated shop")
     processes: bool = setting(
         False,
@@ -211,6 +219,18 @@ class DemoConfig(BusConfig):
             raise ConfigError(f"td_bootstrap must be {' or '.join(TD_BOOTSTRAPS)}, got {self.td_bootstrap!r}")
         if self.serve_q_weight == 0.0 and self.serve_next_item_weight == 0.0:
             raise ConfigError("serve_q_weight and serve_next_item_weight cannot both be 0")
+        if (
+            self.repeat_head
+            and self.serve_next_item_weight != 0.0
+            and (self.serve_q_weight != 0.0 or self.serve_next_item_weight != 1.0)
+        ):
+            raise ConfigError(
+                "the repeat head (on by default) cannot be blended into Q: rank by the next-item head "
+                "alone (--serve-q-weight 0 --serve-next-item-weight 1, the default), by Q alone "
+                "(--serve-next-item-weight 0), or blend without it (--no-repeat-head)"
+            )
+        if self.window < 1:
+            raise ConfigError(f"window must be at least 1, got {self.window}")
 
     @property
     def process_policies(self) -> str:

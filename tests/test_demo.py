@@ -380,6 +380,11 @@ def test_demo_rejects_learner_settings_that_cannot_work() -> None:
         DemoConfig(sqn_weight=0.0)  # the default ranks by the next-item head
     with pytest.raises(ConfigError, match="both be 0"):
         DemoConfig(serve_next_item_weight=0.0)
+    with pytest.raises(ConfigError, match="--no-repeat-head"):
+        DemoConfig(serve_q_weight=1.0)  # the repeat head is on by default
+    assert DemoConfig(serve_q_weight=1.0, repeat_head=False).serve_q_weight == 1.0
+    with pytest.raises(ConfigError, match="window"):
+        DemoConfig(window=0)
     config = DemoConfig(
         sqn_weight=0.0, serve_q_weight=1.0, serve_next_item_weight=0.0, learn_from="logged,recommendation"
     )
