@@ -55,7 +55,13 @@ from services.actor.service import Actor
 from services.actor.step import parse_split
 from services.bus.base import Bus, Producer, Record, TopicPartition
 from services.config import BusConfig, ConfigError, make_bus, register, setting
-from services.learner.config import SHOWN_SLOTS, TD_BOOTSTRAPS, LearnerServiceConfig, parse_sources
+from services.learner.config import (
+    SHOWN_SLOTS,
+    TD_BOOTSTRAPS,
+    LearnerServiceConfig,
+    blends_into_the_repeat_head,
+    parse_sources,
+)
 from services.learner.service import Learner
 from services.learner.tabular import TABULAR_MODEL, TabularLearner, TabularLearnerConfig, model_topic_spec
 from services.metrics import serve_metrics
@@ -219,11 +225,7 @@ class DemoConfig(BusConfig):
             raise ConfigError(f"td_bootstrap must be {' or '.join(TD_BOOTSTRAPS)}, got {self.td_bootstrap!r}")
         if self.serve_q_weight == 0.0 and self.serve_next_item_weight == 0.0:
             raise ConfigError("serve_q_weight and serve_next_item_weight cannot both be 0")
-        if (
-            self.repeat_head
-            and self.serve_next_item_weight != 0.0
-            and (self.serve_q_weight != 0.0 or self.serve_next_item_weight != 1.0)
-        ):
+        if blends_into_the_repeat_head(self.repeat_head, self.serve_q_weight, self.serve_next_item_weight):
             raise ConfigError(
                 "the repeat head (on by default) cannot be blended into Q: rank by the next-item head "
                 "alone (--serve-q-weight 0 --serve-next-item-weight 1, the default), by Q alone "

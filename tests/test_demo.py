@@ -312,18 +312,22 @@ def test_learner_with_clicked_shown_slots_learns_clicked_slots_and_logged_rows_w
     learner.close()
 
 
-@pytest.mark.parametrize("repeat_mode", ["replace", "mixture"])
-def test_with_the_repeat_head_the_published_model_scores_by_the_next_item_head(repeat_mode: str) -> None:
-    settings = LearnerServiceConfig(
+def _next_item_serving(**changes: Any) -> LearnerServiceConfig:
+    """A small learner whose published model ranks by its next-item head."""
+    return LearnerServiceConfig(
         vocabulary_capacity=10,
         embed_dim=4,
         hidden_sizes="8",
-        window=3,
         sqn_weight=1.0,
-        repeat_head=True,
         serve_q_weight=0.0,
         serve_next_item_weight=1.0,
+        **changes,
     )
+
+
+@pytest.mark.parametrize("repeat_mode", ["replace", "mixture"])
+def test_with_the_repeat_head_the_published_model_scores_by_the_next_item_head(repeat_mode: str) -> None:
+    settings = _next_item_serving(window=3, repeat_head=True)
     trainer = Trainer(settings, FEATURE_DIM, network_changes={"repeat_mode": repeat_mode})
     rng = np.random.default_rng(5)
     # Trained-looking parameters: the repeat head starts at zero, which would hide what it adds.
@@ -351,15 +355,7 @@ def test_with_the_repeat_head_the_published_model_scores_by_the_next_item_head(r
 
 
 def test_the_published_bundle_carries_the_blend_and_the_checkpoint_the_heads() -> None:
-    settings = LearnerServiceConfig(
-        vocabulary_capacity=10,
-        embed_dim=4,
-        hidden_sizes="8",
-        sqn_weight=1.0,
-        serve_q_weight=0.0,
-        serve_next_item_weight=1.0,
-    )
-    trainer = Trainer(settings, FEATURE_DIM)
+    trainer = Trainer(_next_item_serving(), FEATURE_DIM)
     _, bundle = load_bundle(trainer.bundle_bytes())
     published = msgpack_restore(bundle.params)["params"]
     inner = trainer.state.params["params"]

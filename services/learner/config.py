@@ -40,6 +40,12 @@ def parse_hidden_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def blends_into_the_repeat_head(repeat_head: bool, q_weight: float, next_item_weight: float) -> bool:
+    """Whether serve weights ask for a blend the repeat head cannot give: it adds to an item's Q but
+    replaces its next-item logit, so a model serves Q alone or the next-item head alone (weight 1)."""
+    return repeat_head and next_item_weight != 0.0 and (q_weight != 0.0 or next_item_weight != 1.0)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelSettings:
     """Model and training hyperparameters shared by the streaming learner and offline training."""
@@ -114,11 +120,7 @@ class ModelSettings:
         self.hidden()
         if self.serve_next_item_weight != 0.0 and self.sqn_weight <= 0:
             raise ConfigError("serve_next_item_weight needs the next-item head: set sqn_weight > 0")
-        if (
-            self.repeat_head
-            and self.serve_next_item_weight != 0.0
-            and (self.serve_q_weight != 0.0 or self.serve_next_item_weight != 1.0)
-        ):
+        if blends_into_the_repeat_head(self.repeat_head, self.serve_q_weight, self.serve_next_item_weight):
             raise ConfigError(
                 "with the repeat head the heads cannot be blended: serve Q alone "
                 "(--serve-next-item-weight 0) or the next-item head alone, as it is "
