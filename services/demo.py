@@ -250,8 +250,8 @@ class Window:
     purchases: Counter[str] = field(default_factory=Counter)
     reward: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     sessions: defaultdict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
-    # The oracle's measure (ShopperSimulator.slate_value) of the slates shown, and of the oracle's
-    # own slate for the same shopper at the same moment, summed over the slates shown.
+    # Expected immediate reward (ShopperSimulator.slate_value) of the slates shown, and of the
+    # oracle's slate for the same shopper at the same moment, summed over the slates shown.
     slate_value: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     oracle_slate_value: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     events: int = 0
@@ -461,8 +461,8 @@ class ClosedLoop(abc.ABC):
         self.last_slate.update(slates)
 
     def _slate_values(self, user_id: str, shown: list[str], now_ms: int) -> tuple[float, float]:
-        """The oracle's measure of a slate, and of the oracle's own slate for the same shopper now,
-        leaving out what the actor leaves out for them (their previous slate and purchases)."""
+        """The expected immediate reward of a slate, and of the oracle's slate for the same shopper
+        now, leaving out what the actor leaves out for them (their previous slate and purchases)."""
         if self.sim.active_session_id(user_id) is None or not shown:
             return 0.0, 0.0
         blocked = [*self.last_slate.get(user_id, ()), *self.purchased.get(user_id, ())]
