@@ -95,7 +95,8 @@ class ModelSettings:
     serve_next_item_weight: float = setting(
         0.0,
         help="weight of the next-item (SQN) head's logit in the published score; like SQN, rank by the "
-        "supervised head (with --serve-q-weight 0) or by a blend (needs --sqn-weight > 0)",
+        "supervised head (with --serve-q-weight 0) or by a blend (needs --sqn-weight > 0; with "
+        "--repeat-head only the head alone, weight 1, since its repeat scores cannot be blended)",
     )
     batch_size: int = setting(256, help="transitions per update")
     updates_per_call: int = setting(8, help="updates fused into one compiled call (lax.scan)")
