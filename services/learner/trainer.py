@@ -297,8 +297,6 @@ class Trainer:
         repeat head and serve_q_weight 0, the parameters are unchanged and the published network
         config says ``scores="next_item"``: readers score by the next-item head, repeat scores included.
         """
-        from dataclasses import asdict
-
         network_config = self.network_config
         params = self.state.params
         if self.network_config.repeat_head and self.settings.serve_q_weight == 0.0:
@@ -313,7 +311,10 @@ class Trainer:
             )
         bundle = ModelBundle(
             format=1,
-            network_config={**asdict(network_config), "hidden_sizes": list(network_config.hidden_sizes)},
+            network_config={
+                **dataclasses.asdict(network_config),
+                "hidden_sizes": list(network_config.hidden_sizes),
+            },
             window=self.window,
             feature_dim=self.feature_dim,
             params=tree_to_bytes(params),

@@ -61,6 +61,7 @@ of other shoppers that a later ``advance`` returns.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from collections.abc import Iterable, Mapping
@@ -90,6 +91,26 @@ _CLICKBAIT_STREAM = 3  # spawn key of the choice of clickbait items
 _EXACT_SLATE_ITEMS = 12
 _SLATE_VALUE_DRAWS = 4096
 _COUNTERS = ("recommendations", "shown", "clicks", "favorites", "carts", "purchases", "reward")
+
+
+@functools.lru_cache(maxsize=256)
+def _examined_subsets(chances: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Which positions a shopper examines, (subsets, k) bool, and each subset's probability,
+    (subsets,), for positions examined independently with these chances: every subset for up to
+    _EXACT_SLATE_ITEMS positions, else _SLATE_VALUE_DRAWS fixed draws of equal weight. Cached: a
+    slate's chances are those of its positions, so a few tuples serve every slate of a run."""
+    k = len(chances)
+    chance = np.asarray(chances)  # (k,)
+    if k <= _EXACT_SLATE_ITEMS:
+        examined = ((np.arange(2**k)[:, None] >> np.arange(k)) & 1).astype(bool)  # (2^k, k) every subset
+        p_examined = np.where(examined, chance, 1.0 - chance).prod(axis=1)  # (2^k,)
+    else:
+        draws = np.random.default_rng(0).random((_SLATE_VALUE_DRAWS, k))
+        examined = draws < chance  # (draws, k)
+        p_examined = np.full((_SLATE_VALUE_DRAWS,), 1.0 / _SLATE_VALUE_DRAWS)
+    examined.flags.writeable = False  # shared by every later call with these chances
+    p_examined.flags.writeable = False
+    return examined, p_examined
 
 
 def _sigmoid(x: float) -> float:
@@ -340,18 +361,10 @@ class ShopperSimulator:
         if not items:
             return 0.0
         index = np.asarray(items)
-        chance = np.asarray(chances)  # (k,)
         reward = self._reward_of_click(user, utilities)[index]  # (k,)
         # Choice weights relative to the outside option: P(i | examined S) = w_i / (1 + sum_S w).
         weight = np.exp(utilities[index] + self._appeal[index] - cfg.no_click_utility)  # (k,)
-        k = len(items)
-        if k <= _EXACT_SLATE_ITEMS:
-            examined = ((np.arange(2**k)[:, None] >> np.arange(k)) & 1).astype(bool)  # (2^k, k) every subset
-            p_examined = np.where(examined, chance, 1.0 - chance).prod(axis=1)  # (2^k,)
-        else:
-            draws = np.random.default_rng(0).random((_SLATE_VALUE_DRAWS, k))
-            examined = draws < chance  # (draws, k)
-            p_examined = np.full((_SLATE_VALUE_DRAWS,), 1.0 / _SLATE_VALUE_DRAWS)
+        examined, p_examined = _examined_subsets(tuple(chances))
         chosen = examined * weight  # (subsets, k)
         click = chosen / (1.0 + chosen.sum(axis=1, keepdims=True))  # (subsets, k)
         return float(p_examined @ (click @ reward))
