@@ -37,7 +37,7 @@ ACTION_BIAS_PATH = ("params", "action_bias")
 NEXT_ITEM_BIAS_PATH = ("params", "next_item_bias")
 ACTION_ROW_PATHS = (ITEM_EMBEDDING_PATH, ACTION_BIAS_PATH, NEXT_ITEM_BIAS_PATH)
 REPEAT_MODES = ("replace", "mixture")
-SCORES = ("q", "next_item")
+SCORES = ("q", "next_item", "next_item_and_log_q")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -65,8 +65,18 @@ class NetworkConfig:
     score) or 'mixture' (RepeatNet's two modes: P(repeat | s) times a softmax over the window, plus
     P(explore | s) times a softmax over the other items)."""
     scores: str = "q"
-    """What calling the network returns for every action: 'q' (Q(s, a)) or 'next_item' (the next-item
-    head's logits, repeat scores included: a published model that ranks by the supervised head)."""
+    """What calling the network returns for every action: 'q' (Q(s, a)), 'next_item' (the next-item
+    head's logits, repeat scores included: a published model that ranks by the supervised head) or
+    'next_item_and_log_q' (``score_next_item_weight * logit(s, a) + score_log_q_weight *
+    log(max(Q(s, a), score_q_floor))``: with Q the value of an item given it is chosen, as learned from
+    clicked slots, and the logit the log-chance the shopper chooses it, up to a per-state constant,
+    weights 1 and 1 rank by the log of chance times value, SlateQ's expected value of showing it)."""
+    score_next_item_weight: float = 1.0
+    """With scores='next_item_and_log_q': weight of the next-item logit."""
+    score_log_q_weight: float = 1.0
+    """With scores='next_item_and_log_q': weight of log Q."""
+    score_q_floor: float = 0.01
+    """With scores='next_item_and_log_q': Q below this (an item worth nothing or less) counts as it."""
 
     def __post_init__(self) -> None:
         if self.num_actions < 1:
@@ -83,8 +93,10 @@ class NetworkConfig:
             raise ValueError(f"repeat_mode must be one of {REPEAT_MODES}, got {self.repeat_mode!r}")
         if self.scores not in SCORES:
             raise ValueError(f"scores must be one of {SCORES}, got {self.scores!r}")
-        if self.scores == "next_item" and not self.next_item_head:
-            raise ValueError("scores='next_item' needs next_item_head=True")
+        if self.scores in ("next_item", "next_item_and_log_q") and not self.next_item_head:
+            raise ValueError(f"scores={self.scores!r} needs next_item_head=True")
+        if not self.score_q_floor > 0:
+            raise ValueError(f"score_q_floor must be > 0, got {self.score_q_floor}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> NetworkConfig:
@@ -198,11 +210,16 @@ class QNetwork(nn.Module):
         return value[:, None] + advantage - advantage.mean(axis=1, keepdims=True)
 
     def __call__(self, obs: ObsBatch) -> jax.Array:
-        """Q(s, a) for all actions, (B, A); the next-item logits instead with scores='next_item'."""
+        """Q(s, a) for all actions, (B, A); the next-item logits instead with scores='next_item', and
+        their blend with log Q with scores='next_item_and_log_q'."""
         hidden, context = self._encode(obs)
         if self.config.scores == "next_item":
             return self._next_item_from_hidden(obs, hidden, context)
         q = self._q_from_hidden(obs, hidden, context)
+        if self.config.scores == "next_item_and_log_q":
+            logits = self._next_item_from_hidden(obs, hidden, context)
+            log_q = jnp.log(jnp.maximum(q, self.config.score_q_floor))  # (B, A)
+            return self.config.score_next_item_weight * logits + self.config.score_log_q_weight * log_q
         assert q.shape == (obs.items.shape[0], self.config.num_actions), q.shape
         return q
 

@@ -141,6 +141,12 @@ class DemoConfig(BusConfig):
         help="weight of the next-item (SQN) head's logit in that score (learner --serve-next-item-weight); "
         "like SQN, the demo ranks by this supervised head",
     )
+    serve_log_q_weight: float = setting(
+        0.0,
+        help="weight of log Q(s, a) added to the next-item logit in the DQN's and the bandit's published "
+        "score (learner --serve-log-q-weight): with --shown-slots clicked, rank by the chance a shopper "
+        "picks an item times its value once picked (0: off)",
+    )
     learn_from: str = setting(
         "logged",
         help="transition sources the DQN and the bandit learn from (learner --sources): logged (each "
@@ -223,9 +229,22 @@ class DemoConfig(BusConfig):
             raise ConfigError("serve_next_item_weight needs the next-item head: set sqn_weight > 0")
         if self.td_bootstrap not in TD_BOOTSTRAPS:
             raise ConfigError(f"td_bootstrap must be {' or '.join(TD_BOOTSTRAPS)}, got {self.td_bootstrap!r}")
-        if self.serve_q_weight == 0.0 and self.serve_next_item_weight == 0.0:
-            raise ConfigError("serve_q_weight and serve_next_item_weight cannot both be 0")
-        if blends_into_the_repeat_head(self.repeat_head, self.serve_q_weight, self.serve_next_item_weight):
+        if (
+            self.serve_q_weight == 0.0
+            and self.serve_next_item_weight == 0.0
+            and self.serve_log_q_weight == 0.0
+        ):
+            raise ConfigError("serve_q_weight, serve_next_item_weight and serve_log_q_weight cannot all be 0")
+        if self.serve_log_q_weight < 0:
+            raise ConfigError(f"serve_log_q_weight must be >= 0, got {self.serve_log_q_weight}")
+        if self.serve_log_q_weight > 0 and self.serve_q_weight != 0.0:
+            raise ConfigError(
+                "serve Q either linearly (--serve-q-weight) or as log Q (--serve-log-q-weight), not both: "
+                "set --serve-q-weight 0"
+            )
+        if self.serve_log_q_weight == 0.0 and blends_into_the_repeat_head(
+            self.repeat_head, self.serve_q_weight, self.serve_next_item_weight
+        ):
             raise ConfigError(
                 "the repeat head (on by default) cannot be blended into Q: rank by the next-item head "
                 "alone (--serve-q-weight 0 --serve-next-item-weight 1, the default), by Q alone "
@@ -653,6 +672,8 @@ def learner_config(config: DemoConfig, *, gamma: float, **overrides: Any) -> Lea
         # DQN's and the bandit's values weigh alike against the next-item logit.
         serve_q_weight=config.serve_q_weight * (1.0 - gamma),
         serve_next_item_weight=config.serve_next_item_weight,
+        # log Q ranks alike at any scale: no per-step rescaling.
+        serve_log_q_weight=config.serve_log_q_weight,
         **overrides,
     )
 

@@ -175,13 +175,28 @@ def test_a_published_blend_ranks_every_item_by_the_weighted_heads(dueling: bool)
 def test_serve_weights_and_sources_are_checked_at_start_up() -> None:
     with pytest.raises(ConfigError, match="sqn_weight"):
         LearnerServiceConfig(serve_next_item_weight=1.0)
-    with pytest.raises(ConfigError, match="both be 0"):
+    with pytest.raises(ConfigError, match="cannot all be 0"):
         LearnerServiceConfig(sqn_weight=1.0, serve_q_weight=0.0)
     with pytest.raises(ConfigError, match="repeat head"):
         LearnerServiceConfig(sqn_weight=1.0, serve_next_item_weight=1.0, repeat_head=True)
     with pytest.raises(ConfigError, match="repeat head"):
         LearnerServiceConfig(sqn_weight=1.0, serve_q_weight=0.0, serve_next_item_weight=2.0, repeat_head=True)
     LearnerServiceConfig(sqn_weight=1.0, serve_q_weight=0.0, serve_next_item_weight=1.0, repeat_head=True)
+    # log Q is added to the logits, not blended into a head: any next-item weight, repeat head or not.
+    LearnerServiceConfig(sqn_weight=1.0, serve_q_weight=0.0, serve_log_q_weight=1.0, repeat_head=True)
+    LearnerServiceConfig(
+        sqn_weight=1.0,
+        serve_q_weight=0.0,
+        serve_next_item_weight=2.0,
+        serve_log_q_weight=0.5,
+        repeat_head=True,
+    )
+    with pytest.raises(ConfigError, match="not both"):
+        LearnerServiceConfig(sqn_weight=1.0, serve_log_q_weight=1.0)  # serve_q_weight defaults to 1
+    with pytest.raises(ConfigError, match="sqn_weight"):
+        LearnerServiceConfig(serve_q_weight=0.0, serve_log_q_weight=1.0)
+    with pytest.raises(ConfigError, match="serve_q_floor"):
+        LearnerServiceConfig(sqn_weight=1.0, serve_q_weight=0.0, serve_log_q_weight=1.0, serve_q_floor=0.0)
     with pytest.raises(ConfigError, match=r"sources must be .*'logged,clicks'"):
         LearnerServiceConfig(sources="logged,clicks")
     assert LearnerServiceConfig(sources=" logged ").source_set() == {"logged"}
@@ -315,13 +330,15 @@ def test_learner_with_clicked_shown_slots_learns_clicked_slots_and_logged_rows_w
 def _next_item_serving(**changes: Any) -> LearnerServiceConfig:
     """A small learner whose published model ranks by its next-item head."""
     return LearnerServiceConfig(
-        vocabulary_capacity=10,
-        embed_dim=4,
-        hidden_sizes="8",
-        sqn_weight=1.0,
-        serve_q_weight=0.0,
-        serve_next_item_weight=1.0,
-        **changes,
+        **{
+            "vocabulary_capacity": 10,
+            "embed_dim": 4,
+            "hidden_sizes": "8",
+            "sqn_weight": 1.0,
+            "serve_q_weight": 0.0,
+            "serve_next_item_weight": 1.0,
+            **changes,
+        }
     )
 
 
@@ -354,6 +371,37 @@ def test_with_the_repeat_head_the_published_model_scores_by_the_next_item_head(r
     assert not np.allclose(served, q), "the published model does not score by Q"
 
 
+def test_with_a_log_q_weight_the_published_model_adds_log_q_to_the_next_item_logits() -> None:
+    settings = _next_item_serving(
+        window=3, repeat_head=True, serve_next_item_weight=0.5, serve_log_q_weight=2.0, serve_q_floor=0.2
+    )
+    trainer = Trainer(settings, FEATURE_DIM)
+    rng = np.random.default_rng(6)
+    trainer.state = trainer.state.replace(
+        params=jax.tree.map(
+            lambda leaf: np.asarray(leaf) + 0.3 * rng.standard_normal(np.shape(leaf)).astype(np.float32),
+            trainer.state.params,
+        )
+    )
+    network_config, bundle = load_bundle(trainer.bundle_bytes())
+    assert network_config.scores == "next_item_and_log_q" and trainer.network_config.scores == "q"
+    assert (network_config.score_next_item_weight, network_config.score_log_q_weight) == (0.5, 2.0)
+    params = tree_from_bytes(trainer.state.params, bundle.params)
+    obs = ObsBatch(
+        items=np.asarray([[0, 3, 3], [2, 5, 7]], np.int32),
+        event_types=np.asarray([[0, 1, 1], [1, 2, 1]], np.int32),
+        gaps=np.full((2, 3), 0.5, np.float32),
+        features=rng.standard_normal((2, FEATURE_DIM)).astype(np.float32),
+    )
+    served = np.asarray(QNetwork(network_config).apply(params, obs), np.float64)
+    q, logits = (
+        np.asarray(part, np.float64)
+        for part in trainer.network.apply(trainer.state.params, obs, method=QNetwork.q_and_next_item_logits)
+    )
+    assert (q < 0.2).any() and (q > 0.2).any(), "the floor is not exercised"
+    np.testing.assert_allclose(served, 0.5 * logits + 2.0 * np.log(np.maximum(q, 0.2)), rtol=1e-5, atol=1e-5)
+
+
 def test_the_published_bundle_carries_the_blend_and_the_checkpoint_the_heads() -> None:
     trainer = Trainer(_next_item_serving(), FEATURE_DIM)
     _, bundle = load_bundle(trainer.bundle_bytes())
@@ -374,8 +422,13 @@ def test_demo_rejects_learner_settings_that_cannot_work() -> None:
         DemoConfig(learn_from="organic")
     with pytest.raises(ConfigError, match="sqn_weight"):
         DemoConfig(sqn_weight=0.0)  # the default ranks by the next-item head
-    with pytest.raises(ConfigError, match="both be 0"):
+    with pytest.raises(ConfigError, match="cannot all be 0"):
         DemoConfig(serve_next_item_weight=0.0)
+    with pytest.raises(ConfigError, match="not both"):
+        DemoConfig(serve_log_q_weight=1.0, serve_q_weight=1.0, repeat_head=False)
+    with pytest.raises(ConfigError, match="serve_log_q_weight must be"):
+        DemoConfig(serve_log_q_weight=-1.0)
+    assert DemoConfig(serve_log_q_weight=1.0).serve_log_q_weight == 1.0  # with the repeat head
     with pytest.raises(ConfigError, match="--no-repeat-head"):
         DemoConfig(serve_q_weight=1.0)  # the repeat head is on by default
     assert DemoConfig(serve_q_weight=1.0, repeat_head=False).serve_q_weight == 1.0

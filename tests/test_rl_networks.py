@@ -295,3 +295,31 @@ def test_a_network_that_scores_by_the_next_item_head_returns_its_logits() -> Non
         NetworkConfig(num_actions=3, scores="value")
     with pytest.raises(ValueError, match="next_item_head"):
         NetworkConfig(num_actions=3, scores="next_item")
+
+
+def test_a_network_that_scores_by_chance_times_value_blends_the_logit_with_log_q() -> None:
+    config = NetworkConfig(
+        num_actions=NUM_ACTIONS, embed_dim=8, hidden_sizes=(16,), next_item_head=True, repeat_head=True
+    )
+    network = QNetwork(config)
+    params = init_params_compiled(network, make_obs([[0, 2, 3]]), jax.random.key(3))
+    params = jax.tree.map(lambda leaf: leaf + 0.1, params)  # the repeat head starts at zero
+    obs = make_obs([[0, 2, 3], [4, 4, 6]])
+    q, logits = apply(network, params, obs, method=QNetwork.q_and_next_item_logits)
+    q, logits = np.asarray(q, np.float64), np.asarray(logits, np.float64)
+    assert (q < 2.0).any() and (q > 2.0).any()  # the floor below is reached and not
+    served = QNetwork(
+        dataclasses.replace(
+            config,
+            scores="next_item_and_log_q",
+            score_next_item_weight=0.5,
+            score_log_q_weight=2.0,
+            score_q_floor=2.0,
+        )
+    )
+    expected = 0.5 * logits + 2.0 * np.log(np.maximum(q, 2.0))
+    np.testing.assert_allclose(apply(served, params, obs), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="next_item_head"):
+        NetworkConfig(num_actions=3, scores="next_item_and_log_q")
+    with pytest.raises(ValueError, match="score_q_floor"):
+        NetworkConfig(num_actions=3, next_item_head=True, scores="next_item_and_log_q", score_q_floor=0.0)

@@ -98,6 +98,16 @@ class ModelSettings:
         "supervised head (with --serve-q-weight 0) or by a blend (needs --sqn-weight > 0; with "
         "--repeat-head only the head alone, weight 1, since its repeat scores cannot be blended)",
     )
+    serve_log_q_weight: float = setting(
+        0.0,
+        help="weight of log Q(s, a) added to the next-item logit (times --serve-next-item-weight) in the "
+        "published score, instead of the linear blend: with Q learned from clicked slots (--shown-slots "
+        "clicked), the value of an item given it is chosen, weights 1 and 1 rank by chance times value "
+        "(SlateQ), so Q's scale and noise weigh little; works with --repeat-head (0: off)",
+    )
+    serve_q_floor: float = setting(
+        0.01, help="with --serve-log-q-weight: Q below this counts as this (log of nothing or less)"
+    )
     batch_size: int = setting(256, help="transitions per update")
     updates_per_call: int = setting(8, help="updates fused into one compiled call (lax.scan)")
     replay_capacity: int = setting(200000, help="transitions kept in the replay buffer")
@@ -121,14 +131,30 @@ class ModelSettings:
         self.hidden()
         if self.serve_next_item_weight != 0.0 and self.sqn_weight <= 0:
             raise ConfigError("serve_next_item_weight needs the next-item head: set sqn_weight > 0")
-        if blends_into_the_repeat_head(self.repeat_head, self.serve_q_weight, self.serve_next_item_weight):
+        if self.serve_log_q_weight < 0:
+            raise ConfigError(f"serve_log_q_weight must be >= 0, got {self.serve_log_q_weight}")
+        if not self.serve_q_floor > 0:
+            raise ConfigError(f"serve_q_floor must be > 0, got {self.serve_q_floor}")
+        if self.serve_log_q_weight > 0:
+            if self.sqn_weight <= 0:
+                raise ConfigError("serve_log_q_weight adds log Q to the next-item logit: set sqn_weight > 0")
+            if self.serve_q_weight != 0.0:
+                raise ConfigError(
+                    "serve Q either linearly (--serve-q-weight) or as log Q (--serve-log-q-weight), "
+                    "not both: set --serve-q-weight 0"
+                )
+        elif blends_into_the_repeat_head(self.repeat_head, self.serve_q_weight, self.serve_next_item_weight):
             raise ConfigError(
                 "with the repeat head the heads cannot be blended: serve Q alone "
                 "(--serve-next-item-weight 0) or the next-item head alone, as it is "
                 "(--serve-q-weight 0 --serve-next-item-weight 1)"
             )
-        if self.serve_q_weight == 0.0 and self.serve_next_item_weight == 0.0:
-            raise ConfigError("serve_q_weight and serve_next_item_weight cannot both be 0")
+        if (
+            self.serve_q_weight == 0.0
+            and self.serve_next_item_weight == 0.0
+            and self.serve_log_q_weight == 0.0
+        ):
+            raise ConfigError("serve_q_weight, serve_next_item_weight and serve_log_q_weight cannot all be 0")
         if self.target_update not in ("periodic", "polyak"):
             raise ConfigError(f"target_update must be periodic or polyak, got {self.target_update!r}")
         if self.td_bootstrap not in TD_BOOTSTRAPS:

@@ -296,10 +296,21 @@ class Trainer:
         settings' serve weights say (unchanged by default); checkpoints keep the heads apart. With the
         repeat head and serve_q_weight 0, the parameters are unchanged and the published network
         config says ``scores="next_item"``: readers score by the next-item head, repeat scores included.
+        With serve_log_q_weight > 0 the parameters are unchanged and it says
+        ``scores="next_item_and_log_q"`` with the serve weights: readers add log Q to the logits.
         """
         network_config = self.network_config
         params = self.state.params
-        if self.network_config.repeat_head and self.settings.serve_q_weight == 0.0:
+        if self.settings.serve_log_q_weight > 0:
+            # Both heads stay apart in the parameters; the network config says how to combine them.
+            network_config = dataclasses.replace(
+                network_config,
+                scores="next_item_and_log_q",
+                score_next_item_weight=self.settings.serve_next_item_weight,
+                score_log_q_weight=self.settings.serve_log_q_weight,
+                score_q_floor=self.settings.serve_q_floor,
+            )
+        elif self.network_config.repeat_head and self.settings.serve_q_weight == 0.0:
             # The repeat head replaces the next-item logits of the window's items but adds to their
             # Q, so no Q-shaped head scores the next-item head: the model says to score by it.
             network_config = dataclasses.replace(network_config, scores="next_item")
