@@ -147,6 +147,11 @@ class DemoConfig(BusConfig):
         "score (learner --serve-log-q-weight): with --shown-slots clicked, rank by the chance a shopper "
         "picks an item times its value once picked (0: off)",
     )
+    serve_q_floor: float = setting(
+        1.0,
+        help="with --serve-log-q-weight: Q below this counts as this (learner --serve-q-floor); a clicked "
+        "item earns at least the click's reward, 1, so a lower Q is an estimate's noise",
+    )
     learn_from: str = setting(
         "logged",
         help="transition sources the DQN and the bandit learn from (learner --sources): logged (each "
@@ -235,6 +240,8 @@ class DemoConfig(BusConfig):
             and self.serve_log_q_weight == 0.0
         ):
             raise ConfigError("serve_q_weight, serve_next_item_weight and serve_log_q_weight cannot all be 0")
+        if not self.serve_q_floor > 0:
+            raise ConfigError(f"serve_q_floor must be > 0, got {self.serve_q_floor}")
         if self.serve_log_q_weight < 0:
             raise ConfigError(f"serve_log_q_weight must be >= 0, got {self.serve_log_q_weight}")
         if self.serve_log_q_weight > 0 and self.serve_q_weight != 0.0:
@@ -674,6 +681,7 @@ def learner_config(config: DemoConfig, *, gamma: float, **overrides: Any) -> Lea
         serve_next_item_weight=config.serve_next_item_weight,
         # log Q ranks alike at any scale: no per-step rescaling.
         serve_log_q_weight=config.serve_log_q_weight,
+        serve_q_floor=config.serve_q_floor,
         **overrides,
     )
 

@@ -429,6 +429,8 @@ def test_demo_rejects_learner_settings_that_cannot_work() -> None:
     with pytest.raises(ConfigError, match="serve_log_q_weight must be"):
         DemoConfig(serve_log_q_weight=-1.0)
     assert DemoConfig(serve_log_q_weight=1.0).serve_log_q_weight == 1.0  # with the repeat head
+    with pytest.raises(ConfigError, match="serve_q_floor"):
+        DemoConfig(serve_q_floor=0.0)
     with pytest.raises(ConfigError, match="--no-repeat-head"):
         DemoConfig(serve_q_weight=1.0)  # the repeat head is on by default
     assert DemoConfig(serve_q_weight=1.0, repeat_head=False).serve_q_weight == 1.0
@@ -463,3 +465,17 @@ def test_the_expected_td_bootstrap_reaches_the_learners_update_and_needs_the_nex
         DemoConfig(td_bootstrap="mean")
     demo = DemoConfig(td_bootstrap="expected", out=str(tmp_path / "demo"))
     assert learner_config(demo, gamma=demo.gamma).td_bootstrap == "expected"
+
+
+def test_the_demo_serves_log_q_alike_from_the_dqn_and_the_bandit() -> None:
+    from services.demo import learner_config
+
+    config = DemoConfig(serve_log_q_weight=3.0, serve_q_floor=0.5)
+    for gamma in (0.0, config.gamma):
+        settings = learner_config(config, gamma=gamma)
+        assert (settings.serve_log_q_weight, settings.serve_q_floor, settings.serve_q_weight) == (
+            3.0,
+            0.5,
+            0.0,
+        )
+        assert settings.gamma == gamma
