@@ -36,7 +36,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -276,6 +276,10 @@ class Window:
     purchases: Counter[str] = field(default_factory=Counter)
     reward: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     sessions: defaultdict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    # Recommendation reward per session id, per group: the spread behind reward per session.
+    session_reward: defaultdict[str, defaultdict[str, float]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(float))
+    )
     # Expected immediate reward (ShopperSimulator.slate_value) of the slates shown, and of the
     # oracle's slate for the same shopper at the same moment, summed over the slates shown.
     slate_value: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
@@ -449,6 +453,7 @@ class ClosedLoop(abc.ABC):
                 self.purchased[event.user_id].add(event.item_id)
             if event.rec_id is not None:
                 window.reward[group] += REWARD_WEIGHTS.get(event.event_type, 0.0)
+                window.session_reward[group][event.session_id] += REWARD_WEIGHTS.get(event.event_type, 0.0)
                 window.purchases[group] += event.event_type == "purchase"
             elif event.event_type == "view" and event.item_id is not None:
                 index = self.sim.item_index(event.item_id)
@@ -705,13 +710,21 @@ def _results(windows: Iterable[Window], groups: Iterable[str]) -> dict[str, dict
     results = {}
     for group in groups:
         recs = sum(w.recommendations[group] for w in windows)
-        sessions = len(set().union(*(w.sessions[group] for w in windows))) if windows else 0
+        session_ids: set[str] = set().union(*(w.sessions[group] for w in windows)) if windows else set()
+        sessions = len(session_ids)
         reward = sum(w.reward[group] for w in windows)
+        per_session: defaultdict[str, float] = defaultdict(float)
+        for w in windows:
+            for session_id, value in w.session_reward[group].items():
+                per_session[session_id] += value
+        values = np.asarray([per_session.get(session_id, 0.0) for session_id in session_ids])  # (sessions,)
         oracle_value = sum(w.oracle_slate_value[group] for w in windows)
         results[group] = {
             "ctr": sum(w.clicks[group] for w in windows) / recs if recs else 0.0,
             "conversion": sum(w.purchases[group] for w in windows) / recs if recs else 0.0,
             "reward_per_session": reward / sessions if sessions else 0.0,
+            # Standard error of that mean over the group's sessions (0 with fewer than two).
+            "reward_per_session_se": float(values.std(ddof=1) / np.sqrt(sessions)) if sessions > 1 else 0.0,
             "sessions": sessions,
             "recommendations": recs,
             "reward": reward,
@@ -721,6 +734,25 @@ def _results(windows: Iterable[Window], groups: Iterable[str]) -> dict[str, dict
             ),
         }
     return results
+
+
+def ratio_of_means(a: Mapping[str, Any], b: Mapping[str, Any]) -> float | None:
+    """a's reward per session over b's (None when b's is 0)."""
+    return a["reward_per_session"] / b["reward_per_session"] if b["reward_per_session"] else None
+
+
+def ratio_interval(a: Mapping[str, Any], b: Mapping[str, Any], z: float = 1.96) -> list[float] | None:
+    """Confidence interval [low, high] of a / b, reward per session, from each mean's standard error.
+
+    The delta method for two independent means: se(a / b) = (a / b) sqrt((se_a / a)^2 + (se_b / b)^2).
+    None when either mean is 0 (the relative errors are undefined).
+    """
+    mean_a, mean_b = a["reward_per_session"], b["reward_per_session"]
+    if not mean_a or not mean_b:
+        return None
+    ratio = mean_a / mean_b
+    relative = np.hypot(a["reward_per_session_se"] / mean_a, b["reward_per_session_se"] / mean_b)
+    return [float(ratio - z * ratio * relative), float(ratio + z * ratio * relative)]
 
 
 def policy_results(demo: ClosedLoop) -> dict[str, dict[str, Any]]:
@@ -744,14 +776,15 @@ def summary(demo: ClosedLoop) -> dict[str, Any]:
     catalogue = demo.sim.catalogue
     everything = sum(demo.exposure.values(), np.zeros((len(catalogue.item_ids),), np.int64))
     late = late_windows(demo)
-    comparison = {}
+    comparison: dict[str, float | None] = {}
+    intervals: dict[str, list[float] | None] = {}
     if "dqn" in policies:
-        dqn = policies["dqn"]["reward_per_session"]
-        comparison = {
-            f"dqn_over_{name}": dqn / numbers["reward_per_session"] if numbers["reward_per_session"] else None
-            for name, numbers in policies.items()
-            if name != "dqn"
-        }
+        dqn = policies["dqn"]
+        for name, numbers in policies.items():
+            if name != "dqn":
+                key = f"dqn_over_{name}"
+                comparison[key] = ratio = ratio_of_means(dqn, numbers)
+                intervals[key] = None if ratio is None else ratio_interval(dqn, numbers)
     responses = demo.sim.stats().values()
     slates = sum(s["recommendations"] for s in responses)
     return {
@@ -765,6 +798,9 @@ def summary(demo: ClosedLoop) -> dict[str, Any]:
         "run": demo.run_details(),
         "policies": policies,
         "reward_per_session_ratio": comparison,
+        # 95% confidence interval of each ratio from the groups' standard errors (delta method): a
+        # lead whose interval holds 1 is not evidence.
+        "reward_per_session_ratio_ci95": intervals,
         "whole_run": whole_run,
         "recommendations_by_label": dict(sorted(demo.labels.items())),
         "exposure_all_policies": asdict(
@@ -925,7 +961,8 @@ def write_report(demo: ClosedLoop, out: Path) -> dict[str, Any]:
 
     rows = "".join(
         f"<tr><td>{p}</td><td>{v['sessions']:,}</td><td>{v['recommendations']:,}</td><td>{v['ctr']:.1%}</td>"
-        f"<td>{v['conversion']:.2%}</td><td>{v['reward_per_session']:.2f}</td>"
+        f"<td>{v['conversion']:.2%}</td>"
+        f"<td>{v['reward_per_session']:.2f} ± {v['reward_per_session_se']:.2f}</td>"
         f"<td>{v['slate_value_vs_oracle']:.2f}</td></tr>"
         for p, v in data["policies"].items()
     )
@@ -939,8 +976,10 @@ def write_report(demo: ClosedLoop, out: Path) -> dict[str, Any]:
         f'{base64.b64encode((out / name).read_bytes()).decode()}"><figcaption>{title}</figcaption></figure>'
         for name, title in plots.items()
     )
+    intervals = data["reward_per_session_ratio_ci95"]
     ratios = ", ".join(
         f"{name.removeprefix('dqn_over_')} {value:.2f}x"
+        + (f" (95% CI {intervals[name][0]:.2f}-{intervals[name][1]:.2f})" if intervals.get(name) else "")
         for name, value in data["reward_per_session_ratio"].items()
         if value is not None
     )
@@ -980,7 +1019,7 @@ reward per session, but it is myopic: what a click changes later is not in it.
 {how}</p>
 <p>DQN reward per session relative to the others: {ratios or "n/a"}. {in_session}</p>
 <table><tr><th>policy</th><th>sessions</th><th>recommendations</th><th>CTR</th><th>conversion</th>
-<th>reward / session</th><th>slate value / oracle</th></tr>{rows}</table>
+<th>reward / session (± standard error)</th><th>slate value / oracle</th></tr>{rows}</table>
 <h2>Exposure and fairness</h2>
 <p>Coverage: share of the catalogue recommended. Gini: inequality of exposure across items and across
 brands (0 equal, 1 all on one). Popularity bias: exposure-weighted mean popularity percentile of what was

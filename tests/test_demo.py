@@ -22,7 +22,7 @@ from schemas.codec import encode
 from schemas.messages import Observation, Transition
 from services.bus.embedded import EmbeddedBus
 from services.config import ConfigError
-from services.demo import DemoConfig, DemoMetrics, run_demo, sparkline
+from services.demo import DemoConfig, DemoMetrics, Window, _results, ratio_interval, run_demo, sparkline
 from services.learner.config import LearnerServiceConfig, parse_sources
 from services.learner.service import Learner
 from services.learner.trainer import Trainer, learner_config_for, load_bundle, serving_params
@@ -30,7 +30,14 @@ from services.state_builder.step import FEATURE_DIM
 from services.topics import SOURCE_HEADER
 
 GROUPS = {"dqn", "popularity", "bandit", "tabular_q", "random", "oracle"}
-PER_POLICY = {"ctr", "conversion", "reward_per_session", "sessions", "slate_value_vs_oracle"}
+PER_POLICY = {
+    "ctr",
+    "conversion",
+    "reward_per_session",
+    "reward_per_session_se",
+    "sessions",
+    "slate_value_vs_oracle",
+}
 EXPOSURE = {"coverage", "item_gini", "brand_gini", "popularity_bias"}
 
 
@@ -57,6 +64,9 @@ def test_short_demo_closes_the_loop_and_writes_the_report(tmp_path: Path) -> Non
         assert numbers["sessions"] > 0 and numbers["recommendations"] > 0, name
         assert 0.0 <= numbers["ctr"] <= 1.0 and 0.0 < numbers["coverage"] <= 1.0, name
     assert policies["oracle"]["reward_per_session"] > policies["random"]["reward_per_session"]
+    assert policies["oracle"]["reward_per_session_se"] > 0.0
+    for name, (low, high) in summary["reward_per_session_ratio_ci95"].items():
+        assert low < summary["reward_per_session_ratio"][name] < high, name
     # Measured against the oracle's slate for the same shopper and moment, leaving out the same
     # items: the oracle's own slates score about 1 (not exactly: the actor ranked at the time of the
     # shopper's event, the shopper saw the slate up to a tick later), random slates far less.
@@ -479,3 +489,26 @@ def test_the_demo_serves_log_q_alike_from_the_dqn_and_the_bandit() -> None:
             0.0,
         )
         assert settings.gamma == gamma
+
+
+def test_reward_per_session_comes_with_its_standard_error_over_sessions() -> None:
+    first, second = Window(minute=10.0), Window(minute=20.0)
+    first.sessions["a"] |= {"s1", "s2", "s3"}  # s3 earns nothing
+    first.session_reward["a"].update({"s1": 2.0, "s2": 4.0})
+    first.reward["a"] = 6.0
+    second.sessions["a"] |= {"s2", "s4"}  # s2 goes on into the second window
+    second.session_reward["a"]["s2"] += 2.0
+    second.reward["a"] = 2.0
+    [numbers] = _results([first, second], ["a"]).values()
+    # Per session 2, 6, 0, 0: mean 2, sample standard deviation sqrt(24 / 3), over sqrt(4) sessions.
+    assert numbers["sessions"] == 4 and numbers["reward_per_session"] == 2.0
+    assert numbers["reward_per_session_se"] == pytest.approx(np.sqrt(8.0) / 2.0)
+
+
+def test_the_ratio_interval_adds_the_relative_errors_in_quadrature() -> None:
+    dqn = {"reward_per_session": 4.0, "reward_per_session_se": 0.3}
+    bandit = {"reward_per_session": 2.0, "reward_per_session_se": 0.4}
+    low, high = ratio_interval(dqn, bandit)
+    spread = 1.96 * 2.0 * np.hypot(0.3 / 4.0, 0.4 / 2.0)  # 2.0 * sqrt(0.075^2 + 0.2^2)
+    assert (low, high) == pytest.approx((2.0 - spread, 2.0 + spread))
+    assert ratio_interval(dqn, {"reward_per_session": 0.0, "reward_per_session_se": 0.0}) is None
