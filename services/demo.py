@@ -147,6 +147,11 @@ class DemoConfig(BusConfig):
         "score (learner --serve-log-q-weight): with --shown-slots clicked, rank by the chance a shopper "
         "picks an item times its value once picked (0: off)",
     )
+    bandit_serve_log_q_weight: float | None = setting(
+        None,
+        help="the bandit's own --serve-log-q-weight, to hold the DQN against the bandit at the bandit's "
+        "best setting (unset: the DQN's)",
+    )
     serve_q_floor: float = setting(
         1.0,
         help="with --serve-log-q-weight: Q below this counts as this (learner --serve-q-floor); a clicked "
@@ -244,6 +249,8 @@ class DemoConfig(BusConfig):
             raise ConfigError(f"serve_q_floor must be > 0, got {self.serve_q_floor}")
         if self.serve_log_q_weight < 0:
             raise ConfigError(f"serve_log_q_weight must be >= 0, got {self.serve_log_q_weight}")
+        if self.bandit_serve_log_q_weight is not None and self.bandit_serve_log_q_weight < 0:
+            raise ConfigError(f"bandit_serve_log_q_weight must be >= 0, got {self.bandit_serve_log_q_weight}")
         if self.serve_log_q_weight > 0 and self.serve_q_weight != 0.0:
             raise ConfigError(
                 "serve Q either linearly (--serve-q-weight) or as log Q (--serve-log-q-weight), not both: "
@@ -558,6 +565,7 @@ class Demo(ClosedLoop):
                 learner_config(
                     config,
                     gamma=gamma,
+                    bandit=name == "bandit",
                     group_id=f"qrec-{name}{suffix}",
                     model_topic=model_topic,
                     checkpoint_dir=str(workdir / name),
@@ -657,8 +665,13 @@ class Demo(ClosedLoop):
                 service.close()
 
 
-def learner_config(config: DemoConfig, *, gamma: float, **overrides: Any) -> LearnerServiceConfig:
-    """The settings of the demo's DQN learner (gamma = config.gamma) or its bandit (gamma 0)."""
+def learner_config(
+    config: DemoConfig, *, gamma: float, bandit: bool = False, **overrides: Any
+) -> LearnerServiceConfig:
+    """The settings of the demo's DQN learner (gamma = config.gamma) or its bandit (gamma 0, bandit)."""
+    log_q_weight = config.serve_log_q_weight
+    if bandit and config.bandit_serve_log_q_weight is not None:
+        log_q_weight = config.bandit_serve_log_q_weight
     return LearnerServiceConfig(
         vocabulary_capacity=config.items + 500,
         embed_dim=32,
@@ -685,7 +698,7 @@ def learner_config(config: DemoConfig, *, gamma: float, **overrides: Any) -> Lea
         serve_q_weight=config.serve_q_weight * (1.0 - gamma),
         serve_next_item_weight=config.serve_next_item_weight,
         # log Q ranks alike at any scale: no per-step rescaling.
-        serve_log_q_weight=config.serve_log_q_weight,
+        serve_log_q_weight=log_q_weight,
         serve_q_floor=config.serve_q_floor,
         **overrides,
     )

@@ -178,6 +178,7 @@ class ProcessDemo(ClosedLoop):
                 learner_config(
                     config,
                     gamma=0.0,
+                    bandit=True,
                     group_id=group + "bandit",
                     transitions_topic=topic[TRANSITIONS],
                     model_topic=topic[BANDIT_MODEL],

@@ -489,6 +489,11 @@ def test_the_demo_serves_log_q_alike_from_the_dqn_and_the_bandit() -> None:
             0.0,
         )
         assert settings.gamma == gamma
+    config = DemoConfig(serve_log_q_weight=3.0, bandit_serve_log_q_weight=0.0)
+    assert learner_config(config, gamma=config.gamma).serve_log_q_weight == 3.0
+    assert learner_config(config, gamma=0.0, bandit=True).serve_log_q_weight == 0.0
+    with pytest.raises(ConfigError, match="bandit_serve_log_q_weight"):
+        DemoConfig(bandit_serve_log_q_weight=-1.0)
 
 
 def test_reward_per_session_comes_with_its_standard_error_over_sessions() -> None:
