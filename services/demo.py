@@ -96,11 +96,12 @@ class DemoConfig(BusConfig):
     clickbait_share: float = setting(
         0.0,
         help="share of clickbait items (simulator --clickbait-share): more appealing than they are worth, "
-        "so a shopper who opens one may leave; a myopic policy favours them, a long-run one should not",
+        "so a shopper who opens one from a slate may leave; a myopic policy favours them, a long-run one "
+        "should not",
     )
     clickbait_appeal: float = setting(1.0, help="utility clickbait items gain in every shopper's eyes")
     clickbait_exit_probability: float = setting(
-        0.3, help="chance that a shopper leaves right after viewing or clicking a clickbait item"
+        0.3, help="chance that a shopper leaves right after clicking a recommended clickbait item"
     )
     tick_seconds: float = setting(30.0, help="simulated seconds per step of the loop")
     report_every_minutes: float = setting(20.0, help="simulated minutes per point of the report's curves")

@@ -108,14 +108,15 @@ class SimulatorConfig:
     clickbait_share: float = setting(
         0.0,
         help="share of items that are clickbait: more appealing than they are worth, so a shopper who "
-        "opens one may leave the shop (0: none)",
+        "opens one from a recommendation may leave the shop (0: none)",
     )
     clickbait_appeal: float = setting(
         1.0, help="utility a clickbait item gains in every shopper's eyes (it is viewed and clicked more)"
     )
     clickbait_exit_probability: float = setting(
         0.3,
-        help="chance that a shopper ends the session right after viewing or clicking a clickbait item",
+        help="chance that a shopper ends the session right after clicking a recommended clickbait item "
+        "(the shop's own suggestion let them down; organic views of it do not end the session)",
     )
 
     seed: int = setting(0, help="seed of the catalogue, the shoppers, the drift and the behaviour")
