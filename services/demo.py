@@ -122,6 +122,11 @@ class DemoConfig(BusConfig):
     )
     gamma: float = setting(0.8, help="discount of the DQN (the bandit's is 0)")
     learning_rate: float = setting(3e-3, help="Adam step size of the DQN and the bandit")
+    reward_clip: float = setting(
+        0.0,
+        help="clip the DQN's and the bandit's rewards to [-C, C] (learner --reward-clip; 1: their Q "
+        "counts clicks; 0: off)",
+    )
     replay_ratio: float = setting(
         32.0,
         help="times each transition is replayed by the DQN and the bandit (logged transitions alone are "
@@ -246,6 +251,8 @@ class DemoConfig(BusConfig):
             and self.serve_log_q_weight == 0.0
         ):
             raise ConfigError("serve_q_weight, serve_next_item_weight and serve_log_q_weight cannot all be 0")
+        if self.reward_clip < 0:
+            raise ConfigError(f"reward_clip must be >= 0 (0: off), got {self.reward_clip}")
         if not self.serve_q_floor > 0:
             raise ConfigError(f"serve_q_floor must be > 0, got {self.serve_q_floor}")
         if self.serve_log_q_weight < 0:
@@ -686,6 +693,7 @@ def learner_config(
         replay_capacity=50_000,
         gamma=gamma,
         learning_rate=config.learning_rate,
+        reward_clip=config.reward_clip,
         target_update_period=config.target_update_period,
         sqn_weight=config.sqn_weight,
         sources=config.learn_from,

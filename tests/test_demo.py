@@ -517,3 +517,25 @@ def test_the_ratio_interval_adds_the_relative_errors_in_quadrature() -> None:
     spread = 1.96 * 2.0 * np.hypot(0.3 / 4.0, 0.4 / 2.0)  # 2.0 * sqrt(0.075^2 + 0.2^2)
     assert (low, high) == pytest.approx((2.0 - spread, 2.0 + spread))
     assert ratio_interval(dqn, {"reward_per_session": 0.0, "reward_per_session_se": 0.0}) is None
+
+
+@pytest.mark.parametrize(
+    ("clip", "expected"), [(0.0, [0.0, 1.0, 3.0, 13.0, -2.0]), (1.0, [0.0, 1.0, 1.0, 1.0, -1.0])]
+)
+def test_reward_clip_bounds_what_the_learner_learns_from(clip: float, expected: list[float]) -> None:
+    trainer = Trainer(_next_item_serving(reward_clip=clip), FEATURE_DIM)
+    rewards = [0.0, 1.0, 3.0, 13.0, -2.0]
+    batch = trainer.to_batch([_transition(f"t{i}", "recommendation", r) for i, r in enumerate(rewards)])
+    np.testing.assert_array_equal(batch.r_t, np.asarray(expected, np.float32))
+
+
+def test_reward_clip_is_checked_and_reaches_both_demo_learners() -> None:
+    from services.demo import learner_config
+
+    with pytest.raises(ConfigError, match="reward_clip"):
+        LearnerServiceConfig(reward_clip=-1.0)
+    with pytest.raises(ConfigError, match="reward_clip"):
+        DemoConfig(reward_clip=-1.0)
+    config = DemoConfig(reward_clip=1.0)
+    assert learner_config(config, gamma=config.gamma).reward_clip == 1.0
+    assert learner_config(config, gamma=0.0, bandit=True).reward_clip == 1.0

@@ -65,6 +65,12 @@ class ModelSettings:
     )
     gamma: float = setting(0.9, help="discount factor")
     learning_rate: float = setting(1e-3, help="Adam step size")
+    reward_clip: float = setting(
+        0.0,
+        help="clip each transition's reward to [-C, C] before it is learned from, as DQN clipped Atari "
+        "scores: with C = 1 and click 1 the smallest reward, Q counts clicks, so its values are not a "
+        "noisy mean of rare large purchases (0: off)",
+    )
     max_grad_norm: float = setting(10.0, help="gradient clipping by global norm")
     double_dqn: bool = setting(True, help="Double DQN targets")
     td_bootstrap: str = setting(
@@ -131,6 +137,8 @@ class ModelSettings:
         self.hidden()
         if self.serve_next_item_weight != 0.0 and self.sqn_weight <= 0:
             raise ConfigError("serve_next_item_weight needs the next-item head: set sqn_weight > 0")
+        if self.reward_clip < 0:
+            raise ConfigError(f"reward_clip must be >= 0 (0: off), got {self.reward_clip}")
         if self.serve_log_q_weight < 0:
             raise ConfigError(f"serve_log_q_weight must be >= 0, got {self.serve_log_q_weight}")
         if not self.serve_q_floor > 0:

@@ -214,13 +214,16 @@ class Trainer:
         return len(fresh)
 
     def to_batch(self, transitions: Sequence[Transition]) -> TransitionBatch:
-        """Arrays for a list of transitions (vocabulary lookups, padding, log gaps)."""
+        """Arrays for a list of transitions (vocabulary lookups, padding, log gaps, clipped rewards)."""
         obs_tm1 = self._obs_arrays([t.obs_tm1 for t in transitions])
         obs_t = self._obs_arrays([t.obs_t for t in transitions])
+        r_t = np.asarray([t.r_t for t in transitions], np.float32)  # (N,)
+        if self.settings.reward_clip > 0:
+            r_t = np.clip(r_t, -self.settings.reward_clip, self.settings.reward_clip)
         return TransitionBatch(
             obs_tm1=obs_tm1,
             a_tm1=self.vocabulary.lookup([action_id(t, self.granularity) or "" for t in transitions]),
-            r_t=np.asarray([t.r_t for t in transitions], np.float32),
+            r_t=r_t,
             discount_t=np.asarray([0.0 if t.done else 1.0 for t in transitions], np.float32),
             obs_t=obs_t,
             weights=np.ones((len(transitions),), np.float32),
