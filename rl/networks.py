@@ -58,6 +58,11 @@ class NetworkConfig:
     """Add SQN's supervised next-item softmax head over the same state encoding."""
     repeat_head: bool = False
     """Add a learned score to each item in the recent window (a copy mechanism; see the module)."""
+    q_item_table: bool = False
+    """Score Q against an item table of its own (zeros at the start) instead of the one the window and
+    the next-item head share: Q(s, a) = f(s) . u_a + b_a. With the next-item head the shared table is
+    shaped by the shoppers' choices, and Q read through it varies from item to item by what those
+    choices taught, not by what Q learned; its own table moves only for the items Q learns about."""
     repeat_hidden: int = 32
     """Hidden width of the repeat head's per-slot scorer."""
     repeat_mode: str = "replace"
@@ -123,6 +128,10 @@ class QNetwork(nn.Module):
             config.num_actions, config.embed_dim, embedding_init=item_embedding_init(config.embed_dim)
         )
         self.action_bias = self.param("action_bias", nn.initializers.zeros, (config.num_actions,))
+        if config.q_item_table:
+            self.q_item_embedding = nn.Embed(
+                config.num_actions, config.embed_dim, embedding_init=nn.initializers.zeros
+            )
         self.event_type_embedding = nn.Embed(
             config.num_event_types, config.embed_dim, embedding_init=item_embedding_init(config.embed_dim)
         )
@@ -199,9 +208,13 @@ class QNetwork(nn.Module):
         value = self.value_head(hidden)[:, 0] if self.config.dueling else None  # (B,)
         return state, value
 
+    def _q_table(self) -> nn.Embed:
+        """The item table Q is scored against: its own with q_item_table, else the shared one."""
+        return self.q_item_embedding if self.config.q_item_table else self.item_embedding
+
     def _q_from_hidden(self, obs: ObsBatch, hidden: jax.Array, context: jax.Array | None) -> jax.Array:
         state, value = self._advantage_parts(hidden)
-        advantage = self.item_embedding.attend(state) + self.action_bias  # (B, A)
+        advantage = self._q_table().attend(state) + self.action_bias  # (B, A)
         repeat = self._repeat_scores(obs, hidden, context)
         if repeat is not None:
             advantage = add_to_items(advantage, obs.items, repeat[..., 0])
@@ -237,7 +250,7 @@ class QNetwork(nn.Module):
         self, obs: ObsBatch, hidden: jax.Array, context: jax.Array | None, actions: jax.Array
     ) -> jax.Array:
         state, value = self._advantage_parts(hidden)
-        table = self.item_embedding.embedding  # (A, E)
+        table = self._q_table().embedding  # (A, E)
         q = jnp.einsum("be,be->b", state, table[actions]) + self.action_bias[actions]  # (B,)
         repeat = self._repeat_scores(obs, hidden, context)
         if repeat is not None:

@@ -262,7 +262,8 @@ def chunked_bootstrap_values(
     # Plain DQN without the dueling form rates a* with the network that chose it, and its chunk
     # scores are already Q(s_t, a): the best score is the value, and no position is tracked.
     value_is_best = not double_dqn and sel_value is None
-    sel_table = selector["params"]["item_embedding"]["embedding"]  # (A, E)
+    table_name = "q_item_embedding" if network.config.q_item_table else "item_embedding"
+    sel_table = selector["params"][table_name]["embedding"]  # (A, E)
     sel_bias = selector["params"]["action_bias"]  # (A,)
     batch_size = sel_state.shape[0]
     rows = jnp.arange(batch_size)[:, None]  # (B, 1)
@@ -450,6 +451,10 @@ def lazy_item_updates(config: LearnerConfig, network_config: NetworkConfig) -> b
     if config.item_updates == "dense":
         return False
     if config.item_updates == "lazy":
+        if network_config.q_item_table:
+            raise ValueError(
+                "item_updates 'lazy' does not gather Q's own item table (q_item_table): use dense"
+            )
         if network_config.dueling:
             raise ValueError(
                 "item_updates 'lazy' needs dueling False: the dueling form's mean reaches every item's row"
@@ -460,6 +465,7 @@ def lazy_item_updates(config: LearnerConfig, network_config: NetworkConfig) -> b
         and config.sqn_weight == 0
         and config.weight_decay == 0
         and not network_config.dueling
+        and not network_config.q_item_table
     )
 
 

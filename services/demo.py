@@ -122,6 +122,10 @@ class DemoConfig(BusConfig):
     )
     gamma: float = setting(0.8, help="discount of the DQN (the bandit's is 0)")
     learning_rate: float = setting(3e-3, help="Adam step size of the DQN and the bandit")
+    q_item_table: bool = setting(
+        False,
+        help="the DQN's and the bandit's Q score items against a table of their own (learner --q-item-table)",
+    )
     reward_clip: float = setting(
         0.0,
         help="clip the DQN's and the bandit's rewards to [-C, C] (learner --reward-clip; 1: their Q "
@@ -694,6 +698,7 @@ def learner_config(
         gamma=gamma,
         learning_rate=config.learning_rate,
         reward_clip=config.reward_clip,
+        q_item_table=config.q_item_table,
         target_update_period=config.target_update_period,
         sqn_weight=config.sqn_weight,
         sources=config.learn_from,

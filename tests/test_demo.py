@@ -539,3 +539,15 @@ def test_reward_clip_is_checked_and_reaches_both_demo_learners() -> None:
     config = DemoConfig(reward_clip=1.0)
     assert learner_config(config, gamma=config.gamma).reward_clip == 1.0
     assert learner_config(config, gamma=0.0, bandit=True).reward_clip == 1.0
+
+
+def test_q_with_its_own_item_table_cannot_be_blended_linearly() -> None:
+    with pytest.raises(ConfigError, match="q-item-table"):
+        LearnerServiceConfig(sqn_weight=1.0, serve_next_item_weight=1.0, q_item_table=True)
+    settings = _next_item_serving(serve_log_q_weight=1.0, q_item_table=True)
+    trainer = Trainer(settings, FEATURE_DIM)
+    assert "q_item_embedding" in trainer.state.params["params"]
+    network_config, _ = load_bundle(trainer.bundle_bytes())
+    assert network_config.q_item_table and network_config.scores == "next_item_and_log_q"
+    with pytest.raises(ValueError, match="own item table"):
+        serving_params(trainer.state.params, q_weight=1.0, next_item_weight=1.0)

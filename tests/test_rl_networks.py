@@ -323,3 +323,32 @@ def test_a_network_that_scores_by_chance_times_value_blends_the_logit_with_log_q
         NetworkConfig(num_actions=3, scores="next_item_and_log_q")
     with pytest.raises(ValueError, match="score_q_floor"):
         NetworkConfig(num_actions=3, next_item_head=True, scores="next_item_and_log_q", score_q_floor=0.0)
+
+
+def test_with_its_own_item_table_q_is_scored_against_it_and_the_next_item_head_is_not() -> None:
+    config = NetworkConfig(num_actions=NUM_ACTIONS, embed_dim=8, hidden_sizes=(16,), next_item_head=True)
+    shared = QNetwork(config)
+    own = QNetwork(dataclasses.replace(config, q_item_table=True))
+    obs = make_obs([[0, 2, 3], [4, 4, 6]])
+    params = init_params_compiled(own, obs, jax.random.key(4))
+    inner = params["params"]
+    np.testing.assert_array_equal(inner["q_item_embedding"]["embedding"], 0.0)  # Q starts at its bias
+    rng = np.random.default_rng(4)
+    table = rng.normal(size=inner["q_item_embedding"]["embedding"].shape).astype(np.float32)
+    params = {"params": {**inner, "q_item_embedding": {"embedding": table}}}
+    q, logits = apply(own, params, obs, method=QNetwork.q_and_next_item_logits)
+    state = apply(own, params, obs, method=QNetwork.scoring_parts)[0]
+    expected_q = np.asarray(state) @ table.T + np.asarray(inner["action_bias"])
+    np.testing.assert_allclose(q, expected_q, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(apply(own, params, obs), q, rtol=1e-6)
+    actions = jnp.asarray([3, 5])
+    np.testing.assert_allclose(
+        apply(own, params, obs, actions, method=QNetwork.q_for_actions),
+        np.asarray(q)[[0, 1], [3, 5]],
+        rtol=1e-5,
+    )
+    # The next-item head and the window still read the shared table: as in a network without Q's own.
+    shared_params = {"params": {k: v for k, v in inner.items() if k != "q_item_embedding"}}
+    np.testing.assert_allclose(
+        logits, apply(shared, shared_params, obs, method=QNetwork.next_item_logits), rtol=1e-6
+    )

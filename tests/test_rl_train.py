@@ -352,6 +352,10 @@ def test_auto_item_updates_are_lazy_for_large_catalogues_whose_loss_allows_it() 
         lazy_item_updates(LearnerConfig(item_updates="lazy"), dataclasses.replace(SMALL, dueling=True))
     with pytest.raises(ValueError, match="sqn_weight 0"):
         LearnerConfig(item_updates="lazy", sqn_weight=1.0)
+    # Q's own item table is not among the rows the lazy update gathers.
+    assert not lazy_item_updates(LearnerConfig(), dataclasses.replace(large, q_item_table=True))
+    with pytest.raises(ValueError, match="q_item_table"):
+        lazy_item_updates(LearnerConfig(item_updates="lazy"), dataclasses.replace(SMALL, q_item_table=True))
     with pytest.raises(ValueError, match="item_updates"):
         LearnerConfig(item_updates="sparse")  # type: ignore[arg-type]
 
@@ -533,31 +537,45 @@ def test_sqn_next_item_head_learns_a_deterministic_sequence() -> None:
 
 
 @pytest.mark.parametrize(
-    ("double_dqn", "dueling", "repeat_head"),
+    ("double_dqn", "dueling", "repeat_head", "q_item_table"),
     [
-        (False, False, False),
-        (True, False, False),
-        (False, True, False),
-        (True, True, False),
-        (True, False, True),
-        (False, False, True),
-        (False, True, True),
+        (False, False, False, False),
+        (True, False, False, False),
+        (False, True, False, False),
+        (True, True, False, False),
+        (True, False, True, False),
+        (False, False, True, False),
+        (False, True, True, False),
+        (False, False, False, True),
+        (True, False, True, True),
     ],
 )
 def test_chunked_bootstrap_equals_the_full_score_matrix(
-    double_dqn: bool, dueling: bool, repeat_head: bool
+    double_dqn: bool, dueling: bool, repeat_head: bool, q_item_table: bool
 ) -> None:
     """Large catalogues reduce the bootstrap over chunks; the targets are those of the full (B, A) form."""
     from rl.train import _plain_bootstrap_targets, chunked_bootstrap_values
 
     num_actions = 5_000  # > CHUNKED_ABOVE, with a last chunk that is partly padding
     config = NetworkConfig(
-        num_actions=num_actions, embed_dim=8, hidden_sizes=(16,), dueling=dueling, repeat_head=repeat_head
+        num_actions=num_actions,
+        embed_dim=8,
+        hidden_sizes=(16,),
+        dueling=dueling,
+        repeat_head=repeat_head,
+        q_item_table=q_item_table,
     )
     network = QNetwork(config)
     rng = np.random.default_rng(3)
     batch = random_batch(rng, 32, num_actions, window=4)
     state = create_train_state(config, PERIODIC, batch.obs_tm1, jax.random.key(1))
+    if q_item_table:
+        # Q's own table starts at zero; a random one, so the maxima are decided by it.
+        params = jax.tree.map(lambda x: x, state.params)
+        params["params"]["q_item_embedding"]["embedding"] = jnp.asarray(
+            rng.normal(size=(num_actions, 8)), jnp.float32
+        )
+        state = state.replace(params=params)
     if repeat_head:
         # Large repeat scores, so the window items (spread over every chunk) win many of the maxima.
         params = jax.tree.map(lambda x: x, state.params)

@@ -63,6 +63,12 @@ class ModelSettings:
         help="score the items of the recent window with a learned repeat score too (a copy "
         "mechanism: shoppers return to what they just viewed, even to items the model barely knows)",
     )
+    q_item_table: bool = setting(
+        False,
+        help="score Q against an item table of its own instead of the one shared with the window and "
+        "the next-item head (for Q learned from few transitions, e.g. clicked slots, beside a next-item "
+        "head that shapes the shared table)",
+    )
     gamma: float = setting(0.9, help="discount factor")
     learning_rate: float = setting(1e-3, help="Adam step size")
     reward_clip: float = setting(
@@ -137,6 +143,11 @@ class ModelSettings:
         self.hidden()
         if self.serve_next_item_weight != 0.0 and self.sqn_weight <= 0:
             raise ConfigError("serve_next_item_weight needs the next-item head: set sqn_weight > 0")
+        if self.q_item_table and self.serve_next_item_weight != 0.0 and self.serve_q_weight != 0.0:
+            raise ConfigError(
+                "with --q-item-table Q and the next-item head score different item tables, so they cannot "
+                "be blended linearly: use --serve-log-q-weight, or serve one head alone"
+            )
         if self.reward_clip < 0:
             raise ConfigError(f"reward_clip must be >= 0 (0: off), got {self.reward_clip}")
         if self.serve_log_q_weight < 0:
