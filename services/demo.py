@@ -199,6 +199,13 @@ class DemoConfig(BusConfig):
         "the items a shopper keeps coming back to in it",
     )
     seed: int = setting(7, help="seed of the simulated shop")
+    seeds: str = setting(
+        "",
+        help="comma-separated seeds (e.g. 7,8,9): run the demo once per seed, each with its report in "
+        "OUT/seed-N, and pool the groups' sessions over the runs into one table with 95%% intervals "
+        "(OUT/pooled.json; with --json printed instead): one 3-hour run cannot tell a 10%% lead from "
+        "noise, several can come closer",
+    )
     processes: bool = setting(
         False,
         help="run the state-builder, the actor and the three learners each as its own OS process, as in "
@@ -278,6 +285,20 @@ class DemoConfig(BusConfig):
             )
         if self.window < 1:
             raise ConfigError(f"window must be at least 1, got {self.window}")
+        self.seed_list()
+
+    def seed_list(self) -> list[int]:
+        """The seeds of --seeds ([] when unset); a ConfigError names a part that is not an integer."""
+        seeds = []
+        for part in self.seeds.split(","):
+            if part.strip():
+                try:
+                    seeds.append(int(part))
+                except ValueError:
+                    raise ConfigError(f"seeds must be comma-separated integers, got {self.seeds!r}") from None
+        if len(set(seeds)) != len(seeds):
+            raise ConfigError(f"seeds must not repeat, got {self.seeds!r}")
+        return seeds
 
     @property
     def process_policies(self) -> str:
@@ -1060,8 +1081,94 @@ recommended, by organic views (0.5 is the catalogue's own mean).</p>
     return data
 
 
+def pool_runs(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One table from several runs' summaries: per group, reward per session over all their sessions
+    and its standard error, as if the runs' sessions were one sample (the spread between runs' means
+    included), and the DQN's ratios with their 95% intervals."""
+    policies: dict[str, dict[str, Any]] = {}
+    for group in summaries[0]["policies"]:
+        runs = [run["policies"][group] for run in summaries if group in run["policies"]]
+        counts = np.asarray([run["sessions"] for run in runs], np.float64)  # (R,)
+        means = np.asarray([run["reward_per_session"] for run in runs], np.float64)  # (R,)
+        # Each run's sample variance back from its standard error: se^2 * n.
+        variances = np.asarray([run["reward_per_session_se"] for run in runs]) ** 2 * counts  # (R,)
+        total = counts.sum()
+        mean = float((counts * means).sum() / total) if total else 0.0
+        squares = ((counts - 1).clip(min=0) * variances).sum() + (counts * (means - mean) ** 2).sum()
+        se = float(np.sqrt(squares / (total - 1) / total)) if total > 1 else 0.0
+        policies[group] = {
+            "reward_per_session": mean,
+            "reward_per_session_se": se,
+            "sessions": int(total),
+            "per_run": [float(m) for m in means],
+        }
+    comparison: dict[str, float | None] = {}
+    intervals: dict[str, list[float] | None] = {}
+    if "dqn" in policies:
+        for name, numbers in policies.items():
+            if name != "dqn":
+                key = f"dqn_over_{name}"
+                comparison[key] = ratio = ratio_of_means(policies["dqn"], numbers)
+                intervals[key] = None if ratio is None else ratio_interval(policies["dqn"], numbers)
+    return {
+        "policies": policies,
+        "reward_per_session_ratio": comparison,
+        "reward_per_session_ratio_ci95": intervals,
+    }
+
+
+def pooled_table(pooled: dict[str, Any], seeds: list[int]) -> Table:
+    """The pooled results as a terminal table: reward per session ± standard error, per run, ratio."""
+    table = Table(title=f"pooled over seeds {', '.join(map(str, seeds))} (late phase of each run)")
+    for column in ("policy", "sessions", "reward / session", "per run", "dqn / policy (95% interval)"):
+        table.add_column(column, justify="left" if column in ("policy", "per run") else "right")
+    for policy, numbers in pooled["policies"].items():
+        ratio = pooled["reward_per_session_ratio"].get(f"dqn_over_{policy}")
+        interval = pooled["reward_per_session_ratio_ci95"].get(f"dqn_over_{policy}")
+        table.add_row(
+            policy,
+            f"{numbers['sessions']:,}",
+            f"{numbers['reward_per_session']:.2f} ± {numbers['reward_per_session_se']:.2f}",
+            " ".join(f"{value:.2f}" for value in numbers["per_run"]),
+            ""
+            if ratio is None
+            else f"{ratio:.2f}" + (f" ({interval[0]:.2f}-{interval[1]:.2f})" if interval else ""),
+        )
+    return table
+
+
 def run_demo(config: DemoConfig, console: Console) -> dict[str, Any]:
-    """Run the loop and write the report (or, with --json, print the summary); returns the summary."""
+    """Run the loop and write the report (or, with --json, print the summary); returns the summary.
+
+    With --seeds, one run per seed (reports in OUT/seed-N), then the pooled table: printed as JSON
+    with --json, else shown and written to OUT/pooled.json; returns the pooled summary.
+    """
+    seeds = config.seed_list()
+    if not seeds:
+        return _run_one(config, console)
+    summaries = []
+    for number, seed in enumerate(seeds, 1):
+        if not config.json:
+            console.rule(f"run {number} of {len(seeds)}: seed {seed}")
+        run_config = replace(config, seed=seed, seeds="", out=str(Path(config.out) / f"seed-{seed}"))
+        summaries.append(_run_one(run_config, console, print_json=False))
+    pooled = {"seeds": seeds, **pool_runs(summaries), "runs": summaries}
+    if config.json:
+        sys.stdout.write(json.dumps(pooled) + "\n")
+        sys.stdout.flush()
+    else:
+        Path(config.out).mkdir(parents=True, exist_ok=True)
+        (Path(config.out) / "pooled.json").write_text(json.dumps(pooled, indent=2))
+        console.print(pooled_table(pooled, seeds))
+        console.print(
+            f"pooled: {Path(config.out) / 'pooled.json'}; each run's report in {Path(config.out)}/seed-N"
+        )
+    return pooled
+
+
+def _run_one(config: DemoConfig, console: Console, *, print_json: bool = True) -> dict[str, Any]:
+    """One run of the loop: the report (or, with --json, the summary on stdout unless print_json is
+    False); returns the summary."""
     if config.compile_cache:
         import jax
 
@@ -1118,8 +1225,9 @@ def run_demo(config: DemoConfig, console: Console) -> dict[str, Any]:
         finally:
             demo.close()
     if quiet:
-        sys.stdout.write(json.dumps(data) + "\n")
-        sys.stdout.flush()
+        if print_json:
+            sys.stdout.write(json.dumps(data) + "\n")
+            sys.stdout.flush()
         return data
     console.print(live_table(demo))
     console.print(f"report: {Path(config.out) / 'report.html'} (plots and summary.json beside it)")

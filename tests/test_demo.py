@@ -22,7 +22,16 @@ from schemas.codec import encode
 from schemas.messages import Observation, Transition
 from services.bus.embedded import EmbeddedBus
 from services.config import ConfigError
-from services.demo import DemoConfig, DemoMetrics, Window, _results, ratio_interval, run_demo, sparkline
+from services.demo import (
+    DemoConfig,
+    DemoMetrics,
+    Window,
+    _results,
+    pool_runs,
+    ratio_interval,
+    run_demo,
+    sparkline,
+)
 from services.learner.config import LearnerServiceConfig, parse_sources
 from services.learner.service import Learner
 from services.learner.trainer import Trainer, learner_config_for, load_bundle, serving_params
@@ -352,28 +361,37 @@ def _next_item_serving(**changes: Any) -> LearnerServiceConfig:
     )
 
 
-@pytest.mark.parametrize("repeat_mode", ["replace", "mixture"])
-def test_with_the_repeat_head_the_published_model_scores_by_the_next_item_head(repeat_mode: str) -> None:
-    settings = _next_item_serving(window=3, repeat_head=True)
-    trainer = Trainer(settings, FEATURE_DIM, network_changes={"repeat_mode": repeat_mode})
-    rng = np.random.default_rng(5)
-    # Trained-looking parameters: the repeat head starts at zero, which would hide what it adds.
+def _trained_looking(trainer: Trainer, rng: np.random.Generator) -> None:
+    """Perturb every parameter: the repeat head starts at zero, which would hide what it adds."""
     trainer.state = trainer.state.replace(
         params=jax.tree.map(
             lambda leaf: np.asarray(leaf) + 0.3 * rng.standard_normal(np.shape(leaf)).astype(np.float32),
             trainer.state.params,
         )
     )
-    network_config, bundle = load_bundle(trainer.bundle_bytes())
-    assert network_config.scores == "next_item" and trainer.network_config.scores == "q"
-    published = QNetwork(network_config)
-    params = tree_from_bytes(trainer.state.params, bundle.params)
-    obs = ObsBatch(
+
+
+def _window_obs(rng: np.random.Generator) -> ObsBatch:
+    """Two states with a 3-event window, one with a repeated item."""
+    return ObsBatch(
         items=np.asarray([[0, 3, 3], [2, 5, 7]], np.int32),
         event_types=np.asarray([[0, 1, 1], [1, 2, 1]], np.int32),
         gaps=np.full((2, 3), 0.5, np.float32),
         features=rng.standard_normal((2, FEATURE_DIM)).astype(np.float32),
     )
+
+
+@pytest.mark.parametrize("repeat_mode", ["replace", "mixture"])
+def test_with_the_repeat_head_the_published_model_scores_by_the_next_item_head(repeat_mode: str) -> None:
+    settings = _next_item_serving(window=3, repeat_head=True)
+    trainer = Trainer(settings, FEATURE_DIM, network_changes={"repeat_mode": repeat_mode})
+    rng = np.random.default_rng(5)
+    _trained_looking(trainer, rng)
+    network_config, bundle = load_bundle(trainer.bundle_bytes())
+    assert network_config.scores == "next_item" and trainer.network_config.scores == "q"
+    published = QNetwork(network_config)
+    params = tree_from_bytes(trainer.state.params, bundle.params)
+    obs = _window_obs(rng)
     served = np.asarray(published.apply(params, obs))
     logits = np.asarray(trainer.network.apply(trainer.state.params, obs, method=QNetwork.next_item_logits))
     np.testing.assert_allclose(served, logits, rtol=1e-6)
@@ -387,22 +405,12 @@ def test_with_a_log_q_weight_the_published_model_adds_log_q_to_the_next_item_log
     )
     trainer = Trainer(settings, FEATURE_DIM)
     rng = np.random.default_rng(6)
-    trainer.state = trainer.state.replace(
-        params=jax.tree.map(
-            lambda leaf: np.asarray(leaf) + 0.3 * rng.standard_normal(np.shape(leaf)).astype(np.float32),
-            trainer.state.params,
-        )
-    )
+    _trained_looking(trainer, rng)
     network_config, bundle = load_bundle(trainer.bundle_bytes())
     assert network_config.scores == "next_item_and_log_q" and trainer.network_config.scores == "q"
     assert (network_config.score_next_item_weight, network_config.score_log_q_weight) == (0.5, 2.0)
     params = tree_from_bytes(trainer.state.params, bundle.params)
-    obs = ObsBatch(
-        items=np.asarray([[0, 3, 3], [2, 5, 7]], np.int32),
-        event_types=np.asarray([[0, 1, 1], [1, 2, 1]], np.int32),
-        gaps=np.full((2, 3), 0.5, np.float32),
-        features=rng.standard_normal((2, FEATURE_DIM)).astype(np.float32),
-    )
+    obs = _window_obs(rng)
     served = np.asarray(QNetwork(network_config).apply(params, obs), np.float64)
     q, logits = (
         np.asarray(part, np.float64)
@@ -551,3 +559,67 @@ def test_q_with_its_own_item_table_cannot_be_blended_linearly() -> None:
     assert network_config.q_item_table and network_config.scores == "next_item_and_log_q"
     with pytest.raises(ValueError, match="own item table"):
         serving_params(trainer.state.params, q_weight=1.0, next_item_weight=1.0)
+
+
+def _summary_of(samples: dict[str, list[float]]) -> dict[str, Any]:
+    """A run's summary as the demo writes it, from each group's per-session rewards."""
+    return {
+        "policies": {
+            group: {
+                "reward_per_session": float(np.mean(values)),
+                "reward_per_session_se": float(np.std(values, ddof=1) / np.sqrt(len(values))),
+                "sessions": len(values),
+            }
+            for group, values in samples.items()
+        }
+    }
+
+
+def test_pooled_runs_equal_one_sample_of_all_their_sessions() -> None:
+    rng = np.random.default_rng(8)
+    runs = [
+        {"dqn": rng.exponential(3.0, n).tolist(), "bandit": rng.exponential(2.0, n + 7).tolist()}
+        for n in (40, 55, 31)
+    ]
+    pooled = pool_runs([_summary_of(run) for run in runs])
+    for group in ("dqn", "bandit"):
+        everything = np.concatenate([run[group] for run in runs])
+        numbers = pooled["policies"][group]
+        assert numbers["sessions"] == len(everything)
+        assert numbers["reward_per_session"] == pytest.approx(everything.mean())
+        assert numbers["reward_per_session_se"] == pytest.approx(
+            everything.std(ddof=1) / np.sqrt(len(everything))
+        )
+        assert numbers["per_run"] == pytest.approx([np.mean(run[group]) for run in runs])
+    ratio = pooled["reward_per_session_ratio"]["dqn_over_bandit"]
+    assert ratio == pytest.approx(
+        pooled["policies"]["dqn"]["reward_per_session"] / pooled["policies"]["bandit"]["reward_per_session"]
+    )
+    low, high = pooled["reward_per_session_ratio_ci95"]["dqn_over_bandit"]
+    assert low < ratio < high
+
+
+def test_seeds_are_read_as_a_list_of_distinct_integers() -> None:
+    assert DemoConfig().seed_list() == []
+    assert DemoConfig(seeds="7, 8,9").seed_list() == [7, 8, 9]
+    with pytest.raises(ConfigError, match="comma-separated integers"):
+        DemoConfig(seeds="7,x")
+    with pytest.raises(ConfigError, match="repeat"):
+        DemoConfig(seeds="7,7")
+
+
+@pytest.mark.timeout(600)
+def test_a_demo_over_two_seeds_writes_each_report_and_the_pooled_table(tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    config = DemoConfig(
+        hours=0.25, shoppers=60, items=120, report_every_minutes=5, seeds="3,4", out=str(out), live=False
+    )
+    pooled = run_demo(config, Console(file=open(tmp_path / "console.txt", "w"), width=120))  # noqa: SIM115
+    assert pooled["seeds"] == [3, 4] and [run["run"]["mode"] for run in pooled["runs"]] == ["in-process"] * 2
+    for seed in (3, 4):
+        assert (out / f"seed-{seed}" / "report.html").exists()
+    assert json.loads((out / "pooled.json").read_text()) == json.loads(json.dumps(pooled))
+    for group, numbers in pooled["policies"].items():
+        assert numbers["sessions"] == sum(run["policies"][group]["sessions"] for run in pooled["runs"]), group
+    # The two runs are different shops: a seed reached each.
+    assert pooled["runs"][0]["events"] != pooled["runs"][1]["events"]

@@ -279,14 +279,19 @@ def test_mixture_network_scores_are_log_probabilities_over_the_items() -> None:
         NetworkConfig(num_actions=4, repeat_mode="copy")
 
 
-def test_a_network_that_scores_by_the_next_item_head_returns_its_logits() -> None:
+def _both_heads(seed: int) -> tuple[NetworkConfig, QNetwork, dict, ObsBatch]:
+    """A network with the next-item and repeat heads, shifted parameters (the repeat head starts at
+    zero) and two states to score."""
     config = NetworkConfig(
         num_actions=NUM_ACTIONS, embed_dim=8, hidden_sizes=(16,), next_item_head=True, repeat_head=True
     )
     network = QNetwork(config)
-    params = init_params_compiled(network, make_obs([[0, 2, 3]]), jax.random.key(2))
-    params = jax.tree.map(lambda leaf: leaf + 0.1, params)  # the repeat head starts at zero
-    obs = make_obs([[0, 2, 3], [4, 4, 6]])
+    params = init_params_compiled(network, make_obs([[0, 2, 3]]), jax.random.key(seed))
+    return config, network, jax.tree.map(lambda leaf: leaf + 0.1, params), make_obs([[0, 2, 3], [4, 4, 6]])
+
+
+def test_a_network_that_scores_by_the_next_item_head_returns_its_logits() -> None:
+    config, network, params, obs = _both_heads(2)
     served = QNetwork(dataclasses.replace(config, scores="next_item"))
     np.testing.assert_allclose(
         apply(served, params, obs), apply(network, params, obs, method=QNetwork.next_item_logits), rtol=1e-6
@@ -298,13 +303,7 @@ def test_a_network_that_scores_by_the_next_item_head_returns_its_logits() -> Non
 
 
 def test_a_network_that_scores_by_chance_times_value_blends_the_logit_with_log_q() -> None:
-    config = NetworkConfig(
-        num_actions=NUM_ACTIONS, embed_dim=8, hidden_sizes=(16,), next_item_head=True, repeat_head=True
-    )
-    network = QNetwork(config)
-    params = init_params_compiled(network, make_obs([[0, 2, 3]]), jax.random.key(3))
-    params = jax.tree.map(lambda leaf: leaf + 0.1, params)  # the repeat head starts at zero
-    obs = make_obs([[0, 2, 3], [4, 4, 6]])
+    config, network, params, obs = _both_heads(3)
     q, logits = apply(network, params, obs, method=QNetwork.q_and_next_item_logits)
     q, logits = np.asarray(q, np.float64), np.asarray(logits, np.float64)
     assert (q < 2.0).any() and (q > 2.0).any()  # the floor below is reached and not
