@@ -893,7 +893,7 @@ def live_table(demo: ClosedLoop) -> Table:
         "recommendations",
         "CTR",
         "conversion",
-        "reward / session",
+        "reward / session (± s.e.)",
         "slate value / oracle",
         "coverage",
     ):
@@ -912,7 +912,7 @@ def live_table(demo: ClosedLoop) -> Table:
             f"{numbers['recommendations']:,}",
             f"{numbers['ctr']:.1%}",
             f"{numbers['conversion']:.2%}",
-            f"{numbers['reward_per_session']:.2f}",
+            f"{numbers['reward_per_session']:.2f} ± {numbers['reward_per_session_se']:.2f}",
             f"{numbers['slate_value_vs_oracle']:.2f}",
             f"{numbers['coverage']:.1%}",
             sparkline(per_window.get(policy, []), top),
