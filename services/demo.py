@@ -163,9 +163,9 @@ class DemoConfig(BusConfig):
         "best setting (unset: the DQN's)",
     )
     serve_q_floor: float = setting(
-        1.0,
-        help="with --serve-log-q-weight: Q below this counts as this (learner --serve-q-floor); a clicked "
-        "item earns at least the click's reward, 1, so a lower Q is an estimate's noise",
+        0.01,
+        help="with --serve-log-q-weight: Q below this counts as this (learner --serve-q-floor; a clicked "
+        "item earns at least a click's reward, 1, so a floor of 1 treats any lower Q as noise)",
     )
     learn_from: str = setting(
         "logged",
