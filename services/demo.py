@@ -203,8 +203,8 @@ class DemoConfig(BusConfig):
         "",
         help="comma-separated seeds (e.g. 7,8,9): run the demo once per seed, each with its report in "
         "OUT/seed-N, and pool the groups' sessions over the runs into one table with 95%% intervals "
-        "(OUT/pooled.json; with --json printed instead): one 3-hour run cannot tell a 10%% lead from "
-        "noise, several can come closer",
+        "(OUT/pooled.html with a plot, and pooled.json; with --json printed instead): one 3-hour run "
+        "cannot tell a 10%% lead from noise, several can come closer",
     )
     processes: bool = setting(
         False,
@@ -1137,11 +1137,77 @@ def pooled_table(pooled: dict[str, Any], seeds: list[int]) -> Table:
     return table
 
 
+def write_pooled_report(pooled: dict[str, Any], out: Path) -> None:
+    """pooled.json, pooled.png (reward per session by policy: pooled mean with its 95% interval, and
+    each run's figure as a dot) and a self-contained pooled.html in ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pooled.json").write_text(json.dumps(pooled, indent=2))
+    names = list(pooled["policies"])
+    numbers = [pooled["policies"][name] for name in names]
+    figure, axis = plt.subplots(figsize=(7, 3.6))
+    positions = np.arange(len(names))
+    axis.bar(
+        positions,
+        [n["reward_per_session"] for n in numbers],
+        yerr=[1.96 * n["reward_per_session_se"] for n in numbers],
+        capsize=4,
+        color="#9ecae1",
+        label="pooled, 95% interval",
+    )
+    for position, n in zip(positions, numbers, strict=True):
+        axis.plot([position] * len(n["per_run"]), n["per_run"], "o", color="#08519c", markersize=4)
+    axis.plot([], [], "o", color="#08519c", markersize=4, label="each run")
+    axis.set_xticks(positions, names)
+    axis.set_ylabel("reward per session (late phase)")
+    axis.legend()
+    figure.suptitle(f"pooled over seeds {', '.join(map(str, pooled['seeds']))}")
+    figure.tight_layout()
+    figure.savefig(out / "pooled.png", dpi=100)
+    plt.close(figure)
+    ratios, intervals = pooled["reward_per_session_ratio"], pooled["reward_per_session_ratio_ci95"]
+
+    def ratio_cell(name: str) -> str:
+        interval = intervals.get(f"dqn_over_{name}")
+        if not interval:
+            return ""
+        return f"{ratios[f'dqn_over_{name}']:.2f} ({interval[0]:.2f}-{interval[1]:.2f})"
+
+    rows = "".join(
+        f"<tr><td>{name}</td><td>{n['sessions']:,}</td><td>{n['reward_per_session']:.2f} ± "
+        f"{n['reward_per_session_se']:.2f}</td><td>{' '.join(f'{v:.2f}' for v in n['per_run'])}</td>"
+        f"<td>{ratio_cell(name)}</td></tr>"
+        for name, n in zip(names, numbers, strict=True)
+    )
+    image = base64.b64encode((out / "pooled.png").read_bytes()).decode()
+    links = " ".join(f'<a href="seed-{seed}/report.html">seed {seed}</a>' for seed in pooled["seeds"])
+    seeds = ", ".join(map(str, pooled["seeds"]))
+    (out / "pooled.html").write_text(f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>qrec demo, pooled over seeds</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:900px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
+td:first-child{{text-align:left}}img{{max-width:100%}}</style></head><body>
+<h1>qrec closed-loop demo, pooled over seeds {seeds}</h1>
+<p>Each seed is its own simulated shop and population. Every group's late-phase sessions of all runs are
+pooled into one sample: reward per session with its standard error (the spread between the runs' means
+included), and the DQN's reward per session over each group's with a 95% interval. A lead whose interval
+holds 1 is not evidence. Each run's report: {links}.</p>
+<table><tr><th>policy</th><th>sessions</th><th>reward / session (± standard error)</th><th>per run</th>
+<th>dqn / policy (95% interval)</th></tr>{rows}</table>
+<figure><img alt="reward per session, pooled" src="data:image/png;base64,{image}"></figure>
+</body></html>
+""")
+
+
 def run_demo(config: DemoConfig, console: Console) -> dict[str, Any]:
     """Run the loop and write the report (or, with --json, print the summary); returns the summary.
 
     With --seeds, one run per seed (reports in OUT/seed-N), then the pooled table: printed as JSON
-    with --json, else shown and written to OUT/pooled.json; returns the pooled summary.
+    with --json, else shown and written to OUT/pooled.html, .png and .json; returns the pooled summary.
     """
     seeds = config.seed_list()
     if not seeds:
@@ -1157,11 +1223,11 @@ def run_demo(config: DemoConfig, console: Console) -> dict[str, Any]:
         sys.stdout.write(json.dumps(pooled) + "\n")
         sys.stdout.flush()
     else:
-        Path(config.out).mkdir(parents=True, exist_ok=True)
-        (Path(config.out) / "pooled.json").write_text(json.dumps(pooled, indent=2))
+        write_pooled_report(pooled, Path(config.out))
         console.print(pooled_table(pooled, seeds))
         console.print(
-            f"pooled: {Path(config.out) / 'pooled.json'}; each run's report in {Path(config.out)}/seed-N"
+            f"pooled: {Path(config.out) / 'pooled.html'} (pooled.png and pooled.json beside it); "
+            f"each run's report in {Path(config.out)}/seed-N"
         )
     return pooled
 

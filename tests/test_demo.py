@@ -619,6 +619,11 @@ def test_a_demo_over_two_seeds_writes_each_report_and_the_pooled_table(tmp_path:
     for seed in (3, 4):
         assert (out / f"seed-{seed}" / "report.html").exists()
     assert json.loads((out / "pooled.json").read_text()) == json.loads(json.dumps(pooled))
+    assert (out / "pooled.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "pooled.html").read_text()
+    assert 'href="seed-3/report.html"' in page and "data:image/png;base64," in page
+    dqn = pooled["policies"]["dqn"]
+    assert f"{dqn['reward_per_session']:.2f} ± {dqn['reward_per_session_se']:.2f}" in page
     for group, numbers in pooled["policies"].items():
         assert numbers["sessions"] == sum(run["policies"][group]["sessions"] for run in pooled["runs"]), group
     # The two runs are different shops: a seed reached each.
