@@ -931,6 +931,15 @@ def sparkline(values: list[float | None], top: float) -> str:
     )
 
 
+# The reports' stylesheet (report.html, pooled.html).
+REPORT_STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:900px;margin:2em auto;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0}"
+    "td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
+    "td:first-child{text-align:left}img{max-width:100%}figure{margin:1.5em 0}"
+)
+
+
 def write_report(demo: ClosedLoop, out: Path) -> dict[str, Any]:
     """summary.json, the PNG plots and a self-contained report.html in ``out``."""
     import matplotlib
@@ -1049,9 +1058,7 @@ def write_report(demo: ClosedLoop, out: Path) -> dict[str, Any]:
     )
     html = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>qrec demo report</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:900px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
-td:first-child{{text-align:left}}img{{max-width:100%}}figure{{margin:1.5em 0}}</style></head><body>
+<style>{REPORT_STYLE}</style></head><body>
 <h1>qrec closed-loop demo</h1>
 <p>{data["simulated_hours"]:.1f} simulated hours, {data["events"]:,} events, {data["updates"]:,} DQN
 updates, model version {data["model_version"]}, {data["wall_seconds"]} s of wall time. Shoppers are split
@@ -1188,9 +1195,7 @@ def write_pooled_report(pooled: dict[str, Any], out: Path) -> None:
     seeds = ", ".join(map(str, pooled["seeds"]))
     (out / "pooled.html").write_text(f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>qrec demo, pooled over seeds</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:900px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
-td:first-child{{text-align:left}}img{{max-width:100%}}</style></head><body>
+<style>{REPORT_STYLE}</style></head><body>
 <h1>qrec closed-loop demo, pooled over seeds {seeds}</h1>
 <p>Each seed is its own simulated shop and population. Every group's late-phase sessions of all runs are
 pooled into one sample: reward per session with its standard error (the spread between the runs' means
