@@ -256,25 +256,8 @@ class DemoConfig(BusConfig):
             raise ConfigError("serve_next_item_weight needs the next-item head: set sqn_weight > 0")
         if self.td_bootstrap not in TD_BOOTSTRAPS:
             raise ConfigError(f"td_bootstrap must be {' or '.join(TD_BOOTSTRAPS)}, got {self.td_bootstrap!r}")
-        if (
-            self.serve_q_weight == 0.0
-            and self.serve_next_item_weight == 0.0
-            and self.serve_log_q_weight == 0.0
-        ):
-            raise ConfigError("serve_q_weight, serve_next_item_weight and serve_log_q_weight cannot all be 0")
-        if self.reward_clip < 0:
-            raise ConfigError(f"reward_clip must be >= 0 (0: off), got {self.reward_clip}")
-        if not self.serve_q_floor > 0:
-            raise ConfigError(f"serve_q_floor must be > 0, got {self.serve_q_floor}")
-        if self.serve_log_q_weight < 0:
-            raise ConfigError(f"serve_log_q_weight must be >= 0, got {self.serve_log_q_weight}")
         if self.bandit_serve_log_q_weight is not None and self.bandit_serve_log_q_weight < 0:
             raise ConfigError(f"bandit_serve_log_q_weight must be >= 0, got {self.bandit_serve_log_q_weight}")
-        if self.serve_log_q_weight > 0 and self.serve_q_weight != 0.0:
-            raise ConfigError(
-                "serve Q either linearly (--serve-q-weight) or as log Q (--serve-log-q-weight), not both: "
-                "set --serve-q-weight 0"
-            )
         if self.serve_log_q_weight == 0.0 and blends_into_the_repeat_head(
             self.repeat_head, self.serve_q_weight, self.serve_next_item_weight
         ):
@@ -286,6 +269,10 @@ class DemoConfig(BusConfig):
         if self.window < 1:
             raise ConfigError(f"window must be at least 1, got {self.window}")
         self.seed_list()
+        # The rest of the DQN's and the bandit's settings (serve weights, floor, reward clip) are
+        # checked where they are defined: by building the two learners' settings now.
+        learner_config(self, gamma=self.gamma)
+        learner_config(self, gamma=0.0, bandit=True)
 
     def seed_list(self) -> list[int]:
         """The seeds of --seeds ([] when unset); a ConfigError names a part that is not an integer."""
@@ -803,6 +790,23 @@ def ratio_interval(a: Mapping[str, Any], b: Mapping[str, Any], z: float = 1.96) 
     return [float(ratio - z * ratio * relative), float(ratio + z * ratio * relative)]
 
 
+def dqn_ratios(
+    policies: Mapping[str, Mapping[str, Any]],
+) -> tuple[dict[str, float | None], dict[str, list[float] | None]]:
+    """The DQN's reward per session over each other group's, and each ratio's 95% interval, keyed
+    ``dqn_over_<group>`` (both empty without a dqn group)."""
+    comparison: dict[str, float | None] = {}
+    intervals: dict[str, list[float] | None] = {}
+    if "dqn" in policies:
+        dqn = policies["dqn"]
+        for name, numbers in policies.items():
+            if name != "dqn":
+                key = f"dqn_over_{name}"
+                comparison[key] = ratio = ratio_of_means(dqn, numbers)
+                intervals[key] = None if ratio is None else ratio_interval(dqn, numbers)
+    return comparison, intervals
+
+
 def policy_results(demo: ClosedLoop) -> dict[str, dict[str, Any]]:
     """Per policy group: late-phase ctr, conversion, reward per session, sessions, and exposure."""
     results: dict[str, dict[str, Any]] = dict(_results(late_windows(demo), demo.split.names))
@@ -824,15 +828,7 @@ def summary(demo: ClosedLoop) -> dict[str, Any]:
     catalogue = demo.sim.catalogue
     everything = sum(demo.exposure.values(), np.zeros((len(catalogue.item_ids),), np.int64))
     late = late_windows(demo)
-    comparison: dict[str, float | None] = {}
-    intervals: dict[str, list[float] | None] = {}
-    if "dqn" in policies:
-        dqn = policies["dqn"]
-        for name, numbers in policies.items():
-            if name != "dqn":
-                key = f"dqn_over_{name}"
-                comparison[key] = ratio = ratio_of_means(dqn, numbers)
-                intervals[key] = None if ratio is None else ratio_interval(dqn, numbers)
+    comparison, intervals = dqn_ratios(policies)
     responses = demo.sim.stats().values()
     slates = sum(s["recommendations"] for s in responses)
     return {
@@ -1109,14 +1105,7 @@ def pool_runs(summaries: list[dict[str, Any]]) -> dict[str, Any]:
             "sessions": int(total),
             "per_run": [float(m) for m in means],
         }
-    comparison: dict[str, float | None] = {}
-    intervals: dict[str, list[float] | None] = {}
-    if "dqn" in policies:
-        for name, numbers in policies.items():
-            if name != "dqn":
-                key = f"dqn_over_{name}"
-                comparison[key] = ratio = ratio_of_means(policies["dqn"], numbers)
-                intervals[key] = None if ratio is None else ratio_interval(policies["dqn"], numbers)
+    comparison, intervals = dqn_ratios(policies)
     return {
         "policies": policies,
         "reward_per_session_ratio": comparison,
@@ -1130,18 +1119,24 @@ def pooled_table(pooled: dict[str, Any], seeds: list[int]) -> Table:
     for column in ("policy", "sessions", "reward / session", "per run", "dqn / policy (95% interval)"):
         table.add_column(column, justify="left" if column in ("policy", "per run") else "right")
     for policy, numbers in pooled["policies"].items():
-        ratio = pooled["reward_per_session_ratio"].get(f"dqn_over_{policy}")
-        interval = pooled["reward_per_session_ratio_ci95"].get(f"dqn_over_{policy}")
         table.add_row(
             policy,
             f"{numbers['sessions']:,}",
             f"{numbers['reward_per_session']:.2f} ± {numbers['reward_per_session_se']:.2f}",
             " ".join(f"{value:.2f}" for value in numbers["per_run"]),
-            ""
-            if ratio is None
-            else f"{ratio:.2f}" + (f" ({interval[0]:.2f}-{interval[1]:.2f})" if interval else ""),
+            ratio_text(pooled, policy),
         )
     return table
+
+
+def ratio_text(pooled: Mapping[str, Any], policy: str) -> str:
+    """'1.03 (0.90-1.17)': the DQN's reward per session over the policy's, with its 95% interval
+    ('' for the DQN itself)."""
+    ratio = pooled["reward_per_session_ratio"].get(f"dqn_over_{policy}")
+    interval = pooled["reward_per_session_ratio_ci95"].get(f"dqn_over_{policy}")
+    if ratio is None:
+        return ""
+    return f"{ratio:.2f}" + (f" ({interval[0]:.2f}-{interval[1]:.2f})" if interval else "")
 
 
 def write_pooled_report(pooled: dict[str, Any], out: Path) -> None:
@@ -1176,18 +1171,10 @@ def write_pooled_report(pooled: dict[str, Any], out: Path) -> None:
     figure.tight_layout()
     figure.savefig(out / "pooled.png", dpi=100)
     plt.close(figure)
-    ratios, intervals = pooled["reward_per_session_ratio"], pooled["reward_per_session_ratio_ci95"]
-
-    def ratio_cell(name: str) -> str:
-        interval = intervals.get(f"dqn_over_{name}")
-        if not interval:
-            return ""
-        return f"{ratios[f'dqn_over_{name}']:.2f} ({interval[0]:.2f}-{interval[1]:.2f})"
-
     rows = "".join(
         f"<tr><td>{name}</td><td>{n['sessions']:,}</td><td>{n['reward_per_session']:.2f} ± "
         f"{n['reward_per_session_se']:.2f}</td><td>{' '.join(f'{v:.2f}' for v in n['per_run'])}</td>"
-        f"<td>{ratio_cell(name)}</td></tr>"
+        f"<td>{ratio_text(pooled, name)}</td></tr>"
         for name, n in zip(names, numbers, strict=True)
     )
     image = base64.b64encode((out / "pooled.png").read_bytes()).decode()
