@@ -35,7 +35,17 @@ from rl.config_utils import config_from_dict, config_to_dict
 ITEM_EMBEDDING_PATH = ("params", "item_embedding", "embedding")
 ACTION_BIAS_PATH = ("params", "action_bias")
 NEXT_ITEM_BIAS_PATH = ("params", "next_item_bias")
-ACTION_ROW_PATHS = (ITEM_EMBEDDING_PATH, ACTION_BIAS_PATH, NEXT_ITEM_BIAS_PATH)
+Q_ITEM_EMBEDDING_PATH = ("params", "q_item_embedding", "embedding")
+CONTINUATION_BIAS_PATH = ("params", "continuation_bias")
+FUTURE_BIAS_PATH = ("params", "future_bias")
+ACTION_ROW_PATHS = (
+    ITEM_EMBEDDING_PATH,
+    ACTION_BIAS_PATH,
+    NEXT_ITEM_BIAS_PATH,
+    Q_ITEM_EMBEDDING_PATH,
+    CONTINUATION_BIAS_PATH,
+    FUTURE_BIAS_PATH,
+)
 REPEAT_MODES = ("replace", "mixture")
 SCORES = ("q", "next_item", "next_item_and_log_q")
 
@@ -63,6 +73,15 @@ class NetworkConfig:
     the next-item head share: Q(s, a) = f(s) . u_a + b_a. With the next-item head the shared table is
     shaped by the shoppers' choices, and Q read through it varies from item to item by what those
     choices taught, not by what Q learned; its own table moves only for the items Q learns about."""
+    factored_q: bool = False
+    """Factor Q by what follows the action: Q(s, a) = R(s, a) + c(s, a) * G(s, a), with R the
+    immediate reward (the dot form above), c = sigmoid(h(s) + d_a) the chance the session goes on
+    after it and G = g(s) + k_a the discounted value of going on: a state term plus one number per
+    item each, so what an item does to the future is one number per item, not an item-by-state
+    interaction. The learner fits each part to its own signal (the reward, the 0/1 continuation,
+    the bootstrap of the transitions that went on), so a cost an item carries in what follows it (a
+    click that ends the session) is learned from every transition of that item, without the
+    Bernoulli noise of the session's end in one regression onto r + gamma (1 - done) V(s')."""
     repeat_hidden: int = 32
     """Hidden width of the repeat head's per-slot scorer."""
     repeat_mode: str = "replace"
@@ -102,6 +121,8 @@ class NetworkConfig:
             raise ValueError(f"scores={self.scores!r} needs next_item_head=True")
         if not self.score_q_floor > 0:
             raise ValueError(f"score_q_floor must be > 0, got {self.score_q_floor}")
+        if self.factored_q and self.dueling:
+            raise ValueError("factored_q and dueling are two forms of Q: choose one")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> NetworkConfig:
@@ -132,6 +153,13 @@ class QNetwork(nn.Module):
             self.q_item_embedding = nn.Embed(
                 config.num_actions, config.embed_dim, embedding_init=nn.initializers.zeros
             )
+        if config.factored_q:
+            self.continuation_state = nn.Dense(1)  # h(s): log-odds that the session goes on
+            self.continuation_bias = self.param(
+                "continuation_bias", nn.initializers.zeros, (config.num_actions,)
+            )
+            self.continuation_value = nn.Dense(1)  # g(s): what going on is worth
+            self.future_bias = self.param("future_bias", nn.initializers.zeros, (config.num_actions,))
         self.event_type_embedding = nn.Embed(
             config.num_event_types, config.embed_dim, embedding_init=item_embedding_init(config.embed_dim)
         )
@@ -212,12 +240,20 @@ class QNetwork(nn.Module):
         """The item table Q is scored against: its own with q_item_table, else the shared one."""
         return self.q_item_embedding if self.config.q_item_table else self.item_embedding
 
+    def _continuation_parts(self, hidden: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """h(s) (B,) and g(s) (B,) of the factored form."""
+        return self.continuation_state(hidden)[:, 0], self.continuation_value(hidden)[:, 0]
+
     def _q_from_hidden(self, obs: ObsBatch, hidden: jax.Array, context: jax.Array | None) -> jax.Array:
         state, value = self._advantage_parts(hidden)
         advantage = self._q_table().attend(state) + self.action_bias  # (B, A)
         repeat = self._repeat_scores(obs, hidden, context)
         if repeat is not None:
             advantage = add_to_items(advantage, obs.items, repeat[..., 0])
+        if self.config.factored_q:
+            going_on, future = self._continuation_parts(hidden)  # (B,), (B,)
+            chance = nn.sigmoid(going_on[:, None] + self.continuation_bias)  # (B, A)
+            return advantage + chance * (future[:, None] + self.future_bias)
         if value is None:
             return advantage
         return value[:, None] + advantage - advantage.mean(axis=1, keepdims=True)
@@ -255,6 +291,10 @@ class QNetwork(nn.Module):
         repeat = self._repeat_scores(obs, hidden, context)
         if repeat is not None:
             q = q + repeat_for_actions(obs.items, repeat[..., 0], actions)
+        if self.config.factored_q:
+            going_on, future = self._continuation_parts(hidden)  # (B,), (B,)
+            going_on = going_on + self.continuation_bias[actions]
+            return q + nn.sigmoid(going_on) * (future + self.future_bias[actions])
         if value is None:
             return q
         # mean_a (f·e_a + b_a) = f · mean_a e_a + mean_a b_a, still without a (B, A) matrix; the
@@ -296,6 +336,26 @@ class QNetwork(nn.Module):
             self._q_taken_from_hidden(obs, hidden, context, actions),
             self._next_item_from_hidden(obs, hidden, context),
         )
+
+    def factored_q_for_actions(
+        self, obs: ObsBatch, actions: jax.Array, *, next_item: bool = False
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+        """The factored form's parts for one given action per state, from one encoder pass: R(s, a),
+        the continuation log-odds h(s) + d_a and G(s, a) = g(s) + k_a, each (B,), and the next-item
+        logits (B, A) with next_item=True (else None). Q(s, a) = R + sigmoid(log-odds) * G. Needs
+        factored_q=True."""
+        if not self.config.factored_q:
+            raise ValueError("factored_q_for_actions needs NetworkConfig(factored_q=True)")
+        assert actions.shape == (obs.items.shape[0],), (actions.shape, obs.items.shape)
+        hidden, context = self._encode(obs)
+        state, _ = self._advantage_parts(hidden)
+        reward = jnp.einsum("be,be->b", state, self._q_table().embedding[actions]) + self.action_bias[actions]
+        repeat = self._repeat_scores(obs, hidden, context)
+        if repeat is not None:
+            reward = reward + repeat_for_actions(obs.items, repeat[..., 0], actions)
+        going_on, future = self._continuation_parts(hidden)
+        logits = self._next_item_from_hidden(obs, hidden, context) if next_item else None
+        return reward, going_on + self.continuation_bias[actions], future + self.future_bias[actions], logits
 
     def q_and_next_item_logits(self, obs: ObsBatch) -> tuple[jax.Array, jax.Array]:
         """Q(s, a) and the next-item logits for all actions from one encoder pass: (B, A), (B, A)."""

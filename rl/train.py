@@ -366,6 +366,12 @@ def update(
         raise ValueError("sqn_weight > 0 needs NetworkConfig(next_item_head=True)")
     if config.bootstrap == "expected" and not network.config.next_item_head:
         raise ValueError("bootstrap='expected' needs NetworkConfig(next_item_head=True)")
+    factored = network.config.factored_q
+    if factored and config.td_weight > 0 and config.bootstrap == "max" and num_actions > CHUNKED_ABOVE:
+        raise ValueError(
+            f"factored_q with the max bootstrap is not reduced in chunks over more than {CHUNKED_ABOVE} "
+            "actions: use bootstrap='expected' or the plain form of Q"
+        )
     discount_t = config.gamma * batch.discount_t  # (B,)
     # Which rows each loss averages over (None: all of them).
     next_item_rows = batch.logged if config.split_losses else None  # (B,)
@@ -404,18 +410,40 @@ def update(
         params_in, opt_state_in = state.params, state.opt_state
 
     def loss_fn(params: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-        if use_sqn:
-            q_tm1_a, logits = loss_network.apply(
-                params, obs_tm1, a_tm1, method=QNetwork.q_for_actions_and_next_item_logits
+        logits: jax.Array | None
+        if factored:
+            reward, going_on, future, logits = cast(
+                "tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]",
+                loss_network.apply(
+                    params, obs_tm1, a_tm1, next_item=use_sqn, method=QNetwork.factored_q_for_actions
+                ),
+            )  # (B,) x 3, (B, A) or None
+            q_tm1_a = reward + jax.nn.sigmoid(going_on) * future
+        elif use_sqn:
+            q_tm1_a, logits = cast(
+                "tuple[jax.Array, jax.Array]",
+                loss_network.apply(
+                    params, obs_tm1, a_tm1, method=QNetwork.q_for_actions_and_next_item_logits
+                ),
             )  # (B,), (B, A)
+        else:
+            q_tm1_a = cast(
+                jax.Array, loss_network.apply(params, obs_tm1, a_tm1, method=QNetwork.q_for_actions)
+            )
+            logits = None
+        if logits is not None:
             cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, a_tm1)  # (B,)
             next_item_loss = _mean_over(batch.weights * cross_entropy, next_item_rows)
         else:
-            q_tm1_a = loss_network.apply(params, obs_tm1, a_tm1, method=QNetwork.q_for_actions)
             next_item_loss = jnp.zeros((), jnp.float32)
         assert q_tm1_a.shape == (batch_size,), q_tm1_a.shape
         td_error = target_tm1 - q_tm1_a  # (B,)
-        td_loss = _mean_over(batch.weights * huber_loss(td_error, config.huber_delta), td_rows)
+        if factored:
+            td_loss = _factored_td_loss(
+                batch, target_tm1, reward, going_on, future, td_rows, config.huber_delta
+            )
+        else:
+            td_loss = _mean_over(batch.weights * huber_loss(td_error, config.huber_delta), td_rows)
         loss = config.td_weight * td_loss + config.sqn_weight * next_item_loss
         aux = {
             "td_loss": td_loss,
@@ -446,14 +474,42 @@ def update(
     return new_state, metrics
 
 
+def _factored_td_loss(
+    batch: TransitionBatch,
+    target_tm1: jax.Array,
+    reward: jax.Array,
+    going_on: jax.Array,
+    future: jax.Array,
+    td_rows: jax.Array | None,
+    huber_delta: float,
+) -> jax.Array:
+    """The TD loss of the factored Q = R + sigmoid(going_on) * G: each part fitted to its own signal.
+
+    R to the reward r_t (Huber), the continuation log-odds to the 0/1 discount_t (the session went on
+    after the action: logistic loss), and G to what the target adds to the reward, gamma V(s_t), on
+    the transitions that went on (Huber). Their expectations make Q's: E[r + gamma d V'] = E[r] +
+    P(d = 1) E[gamma V' | d = 1], with each part's noise apart from the others'. All (B,).
+    """
+    went_on = batch.discount_t
+    reward_loss = _mean_over(batch.weights * huber_loss(batch.r_t - reward, huber_delta), td_rows)
+    continuation_loss = _mean_over(
+        batch.weights * optax.sigmoid_binary_cross_entropy(going_on, went_on), td_rows
+    )
+    future_rows = went_on if td_rows is None else went_on * td_rows
+    future_error = jax.lax.stop_gradient(target_tm1 - batch.r_t) - future
+    future_loss = _mean_over(batch.weights * huber_loss(future_error, huber_delta), future_rows)
+    return reward_loss + continuation_loss + future_loss
+
+
 def lazy_item_updates(config: LearnerConfig, network_config: NetworkConfig) -> bool:
     """Whether `update` moves only the action rows each batch reaches (LearnerConfig.item_updates)."""
     if config.item_updates == "dense":
         return False
     if config.item_updates == "lazy":
-        if network_config.q_item_table:
+        if network_config.q_item_table or network_config.factored_q:
             raise ValueError(
-                "item_updates 'lazy' does not gather Q's own item table (q_item_table): use dense"
+                "item_updates 'lazy' does not gather Q's own item table (q_item_table) or the "
+                "continuation biases (factored_q): use dense"
             )
         if network_config.dueling:
             raise ValueError(
@@ -466,6 +522,7 @@ def lazy_item_updates(config: LearnerConfig, network_config: NetworkConfig) -> b
         and config.weight_decay == 0
         and not network_config.dueling
         and not network_config.q_item_table
+        and not network_config.factored_q
     )
 
 

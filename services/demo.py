@@ -126,6 +126,11 @@ class DemoConfig(BusConfig):
         False,
         help="the DQN's and the bandit's Q score items against a table of their own (learner --q-item-table)",
     )
+    factored_q: bool = setting(
+        False,
+        help="the DQN's and the bandit's Q is factored into the immediate reward, the chance the session "
+        "goes on (one bias per item) and the value of going on (learner --factored-q)",
+    )
     reward_clip: float = setting(
         0.0,
         help="clip the DQN's and the bandit's rewards to [-C, C] (learner --reward-clip; 1: their Q "
@@ -707,6 +712,7 @@ def learner_config(
         learning_rate=config.learning_rate,
         reward_clip=config.reward_clip,
         q_item_table=config.q_item_table,
+        factored_q=config.factored_q,
         target_update_period=config.target_update_period,
         sqn_weight=config.sqn_weight,
         sources=config.learn_from,

@@ -628,3 +628,21 @@ def test_a_demo_over_two_seeds_writes_each_report_and_the_pooled_table(tmp_path:
         assert numbers["sessions"] == sum(run["policies"][group]["sessions"] for run in pooled["runs"]), group
     # The two runs are different shops: a seed reached each.
     assert pooled["runs"][0]["events"] != pooled["runs"][1]["events"]
+
+
+def test_the_factored_q_reaches_both_demo_learners_and_cannot_be_blended_linearly() -> None:
+    from services.demo import learner_config
+
+    with pytest.raises(ConfigError, match="factored Q"):
+        LearnerServiceConfig(sqn_weight=1.0, serve_next_item_weight=1.0, factored_q=True)
+    with pytest.raises(ConfigError, match="dueling"):
+        LearnerServiceConfig(factored_q=True, dueling=True)
+    config = DemoConfig(factored_q=True, serve_log_q_weight=3.0)
+    assert learner_config(config, gamma=config.gamma).factored_q
+    assert learner_config(config, gamma=0.0, bandit=True).factored_q
+    trainer = Trainer(_next_item_serving(serve_log_q_weight=1.0, factored_q=True), FEATURE_DIM)
+    assert {"continuation_bias", "future_bias"} <= set(trainer.state.params["params"])
+    network_config, _ = load_bundle(trainer.bundle_bytes())
+    assert network_config.factored_q and network_config.scores == "next_item_and_log_q"
+    with pytest.raises(ValueError, match="factored Q"):
+        serving_params(trainer.state.params, q_weight=1.0, next_item_weight=1.0)

@@ -351,3 +351,55 @@ def test_with_its_own_item_table_q_is_scored_against_it_and_the_next_item_head_i
     np.testing.assert_allclose(
         logits, apply(shared, shared_params, obs, method=QNetwork.next_item_logits), rtol=1e-6
     )
+
+
+def test_the_factored_q_is_the_reward_plus_the_chance_of_going_on_times_what_going_on_is_worth() -> None:
+    config = NetworkConfig(
+        num_actions=NUM_ACTIONS, embed_dim=8, hidden_sizes=(16,), next_item_head=True, repeat_head=True
+    )
+    factored = QNetwork(dataclasses.replace(config, factored_q=True))
+    obs = make_obs([[0, 2, 3], [4, 4, 6]])
+    params = init_params_compiled(factored, obs, jax.random.key(5))
+    inner = params["params"]
+    for name in ("continuation_bias", "future_bias"):
+        np.testing.assert_array_equal(inner[name], 0.0)  # every item starts alike
+    rng = np.random.default_rng(5)
+    going_on_bias = rng.normal(size=NUM_ACTIONS).astype(np.float32)
+    future_bias = rng.normal(size=NUM_ACTIONS).astype(np.float32)
+    params = {"params": {**inner, "continuation_bias": going_on_bias, "future_bias": future_bias}}
+    # R(s, a) is the plain network's Q from the same parameters, without the factored ones.
+    plain = QNetwork(config)
+    plain_params = {"params": {k: v for k, v in params["params"].items() if k not in FACTORED_PARAMS}}
+    reward = np.asarray(apply(plain, plain_params, obs), np.float64)
+    hidden = np.asarray(apply(factored, params, obs, method=QNetwork.encode), np.float64)
+
+    def dense(name: str) -> np.ndarray:
+        layer = params["params"][name]
+        return (hidden @ np.asarray(layer["kernel"], np.float64) + np.asarray(layer["bias"]))[:, 0]
+
+    chance = 1.0 / (1.0 + np.exp(-(dense("continuation_state")[:, None] + going_on_bias)))
+    worth = dense("continuation_value")[:, None] + future_bias
+    expected = reward + chance * worth
+    q = np.asarray(apply(factored, params, obs), np.float64)
+    np.testing.assert_allclose(q, expected, rtol=1e-5, atol=1e-5)
+    actions = jnp.asarray([3, 5])
+    rows = np.arange(2), np.asarray(actions)
+    np.testing.assert_allclose(
+        apply(factored, params, obs, actions, method=QNetwork.q_for_actions), expected[rows], rtol=1e-5
+    )
+    parts_reward, log_odds, future, logits = jax.jit(
+        functools.partial(factored.apply, next_item=True, method=QNetwork.factored_q_for_actions)
+    )(params, obs, actions)
+    np.testing.assert_allclose(parts_reward, reward[rows], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(1.0 / (1.0 + np.exp(-np.asarray(log_odds))), chance[rows], rtol=1e-5)
+    np.testing.assert_allclose(future, worth[rows], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        logits, apply(factored, params, obs, method=QNetwork.next_item_logits), rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="choose one"):
+        NetworkConfig(num_actions=3, factored_q=True, dueling=True)
+    with pytest.raises(ValueError, match="factored_q=True"):
+        apply(plain, plain_params, obs, actions, method=QNetwork.factored_q_for_actions)
+
+
+FACTORED_PARAMS = ("continuation_state", "continuation_bias", "continuation_value", "future_bias")

@@ -779,3 +779,88 @@ def test_split_losses_learn_the_next_item_from_logged_rows_and_q_from_shown_slot
     # Without the split, every row is in both losses.
     _, unsplit = update_jit(state, batch, network=network, config=joint)
     assert float(unsplit["next_item_loss"]) != pytest.approx(float(on_logged["next_item_loss"]), rel=1e-5)
+
+
+FACTORED = NetworkConfig(num_actions=6, embed_dim=8, hidden_sizes=(16,), factored_q=True)
+
+
+def session_end_batch(rng: np.random.Generator, per_item: int = 40) -> TransitionBatch:
+    """Every row shows one of items 2-5 and earns 1; item 3 ends the session with chance 0.8, the
+    others with 0.1. States are random windows and features."""
+    items = np.repeat(np.arange(2, 6), per_item)
+    ends = rng.random(items.size) < np.where(items == 3, 0.8, 0.1)
+    size = items.size
+
+    def obs() -> ObsBatch:
+        window = rng.integers(2, 6, size=(size, 2)).astype(np.int32)
+        return ObsBatch(
+            items=window,
+            event_types=np.ones_like(window),
+            gaps=rng.random((size, 2)).astype(np.float32),
+            features=rng.normal(size=(size, 3)).astype(np.float32),
+        )
+
+    return transition_batch(obs(), items, np.ones(size), ends, obs())
+
+
+def test_the_factored_q_learns_each_items_chance_of_ending_the_session() -> None:
+    """Each part is fitted to its own signal: R to the reward (1), the continuation to how often the
+    session went on after the item (item 3: 20%, the others 90%), and so Q ranks item 3 last, by what
+    follows it, though it earns what the others earn."""
+    config = LearnerConfig(gamma=0.9, learning_rate=1e-2, target_update_period=20)
+    network = QNetwork(FACTORED)
+    rng = np.random.default_rng(7)
+    batches = [session_end_batch(rng) for _ in range(400)]  # fresh shoppers every update
+    state = create_train_state(FACTORED, config, batches[0].obs_tm1, jax.random.key(3))
+    state, metrics = update_many(state, stack_batches(batches), network=network, config=config)
+    assert np.all(np.isfinite(np.asarray(metrics["loss"])))
+    # Judged on states it did not train on: each item shown in every one of them.
+    probe = session_end_batch(np.random.default_rng(8))
+    states = jax.tree.map(
+        lambda part: np.tile(np.asarray(part), (4,) + (1,) * (part.ndim - 1)), probe.obs_tm1
+    )
+    items = np.repeat(np.arange(2, 6), probe.a_tm1.shape[0])
+    reward, log_odds, future, _ = network.apply(
+        state.params, states, jnp.asarray(items, jnp.int32), method=QNetwork.factored_q_for_actions
+    )
+    assert abs(float(np.mean(reward)) - 1.0) < 0.1, float(np.mean(reward))
+    chance = 1.0 / (1.0 + np.exp(-np.asarray(log_odds)))
+    assert abs(chance[items == 3].mean() - 0.2) < 0.1, chance[items == 3].mean()
+    assert abs(chance[items != 3].mean() - 0.9) < 0.1, chance[items != 3].mean()
+    assert np.all(np.asarray(future) > 0.5)  # going on is worth something: more rewards of 1
+    q = np.asarray(q_values(network, state.params, probe.obs_tm1))[:, 2:6]  # (B, 4): items 2-5
+    assert np.mean(q.argmin(axis=1) == 1) > 0.9, "item 3 is not ranked last"
+
+
+def test_the_factored_q_is_refused_where_its_parts_are_not_computed() -> None:
+    rng = np.random.default_rng(8)
+    large = dataclasses.replace(FACTORED, num_actions=3_000)
+    batch = random_batch(rng, 4, large.num_actions)
+    state = create_train_state(large, PERIODIC, batch.obs_tm1, jax.random.key(0))
+    with pytest.raises(ValueError, match="bootstrap='expected'"):
+        update(state, batch, network=QNetwork(large), config=PERIODIC)
+    big = dataclasses.replace(FACTORED, num_actions=LAZY_ITEM_UPDATES_ABOVE + 1)
+    assert not lazy_item_updates(LearnerConfig(), big)
+    with pytest.raises(ValueError, match="factored_q"):
+        lazy_item_updates(LearnerConfig(item_updates="lazy"), FACTORED)
+
+
+def test_reset_action_rows_clears_q_own_table_and_the_factored_biases() -> None:
+    config = dataclasses.replace(FACTORED, q_item_table=True)
+    batch = random_batch(np.random.default_rng(9), 4, config.num_actions)
+    state = create_train_state(config, PERIODIC, batch.obs_tm1, jax.random.key(0))
+    names = ("continuation_bias", "future_bias")
+    params = jax.tree.map(lambda x: x, state.params)
+    for name in names:
+        params["params"][name] = jnp.ones_like(params["params"][name])
+    params["params"]["q_item_embedding"]["embedding"] = jnp.ones_like(
+        params["params"]["q_item_embedding"]["embedding"]
+    )
+    state = state.replace(params=params, target_params=params)
+    reset = reset_action_rows(state, [2], jax.random.key(1))
+    for tree in (reset.params, reset.target_params):
+        for leaf in [tree["params"][name] for name in names] + [
+            tree["params"]["q_item_embedding"]["embedding"]
+        ]:
+            np.testing.assert_array_equal(leaf[2], 0.0)
+            np.testing.assert_array_equal(leaf[np.array([0, 1, 3, 4, 5])], 1.0)

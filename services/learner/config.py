@@ -69,6 +69,14 @@ class ModelSettings:
         "the next-item head (for Q learned from few transitions, e.g. clicked slots, beside a next-item "
         "head that shapes the shared table)",
     )
+    factored_q: bool = setting(
+        False,
+        help="factor Q by what follows the action: Q(s, a) = R(s, a) + c(s, a) G(s, a), with R the "
+        "immediate reward, c the chance the session goes on after it (fitted to the transitions' done "
+        "flags) and G the value of going on, each a state term plus one number per item and each fitted "
+        "to its own signal; a cost an item carries in what follows it (a click that ends the session) is "
+        "then learned per item without the noise of the session's end (not with --dueling)",
+    )
     gamma: float = setting(0.9, help="discount factor")
     learning_rate: float = setting(1e-3, help="Adam step size")
     reward_clip: float = setting(
@@ -147,6 +155,13 @@ class ModelSettings:
             raise ConfigError(
                 "with --q-item-table Q and the next-item head score different item tables, so they cannot "
                 "be blended linearly: use --serve-log-q-weight, or serve one head alone"
+            )
+        if self.factored_q and self.dueling:
+            raise ConfigError("--factored-q and --dueling are two forms of Q: choose one")
+        if self.factored_q and self.serve_next_item_weight != 0.0 and self.serve_q_weight != 0.0:
+            raise ConfigError(
+                "the factored Q is not of the next-item head's form, so they cannot be blended linearly: "
+                "use --serve-log-q-weight, or serve one head alone"
             )
         if self.reward_clip < 0:
             raise ConfigError(f"reward_clip must be >= 0 (0: off), got {self.reward_clip}")

@@ -61,6 +61,7 @@ def network_config_for(settings: ModelSettings) -> NetworkConfig:
         next_item_head=settings.sqn_weight > 0,
         repeat_head=settings.repeat_head,
         q_item_table=settings.q_item_table,
+        factored_q=settings.factored_q,
     )
 
 
@@ -394,6 +395,8 @@ def serving_params(params: Any, *, q_weight: float, next_item_weight: float) -> 
         raise ValueError("blending in the next-item head needs a model trained with sqn_weight > 0")
     if "q_item_embedding" in inner:
         raise ValueError("blending in the next-item head is not possible when Q has its own item table")
+    if "continuation_bias" in inner:
+        raise ValueError("blending in the next-item head is not possible with the factored Q")
     if "repeat_out" in inner:
         # The repeat head replaces the next-item logits of the window's items but adds to their Q:
         # no single head of the Q form scores that blend.
