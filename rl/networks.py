@@ -74,14 +74,16 @@ class NetworkConfig:
     shaped by the shoppers' choices, and Q read through it varies from item to item by what those
     choices taught, not by what Q learned; its own table moves only for the items Q learns about."""
     factored_q: bool = False
-    """Factor Q by what follows the action: Q(s, a) = R(s, a) + c(s, a) * G(s, a), with R the
-    immediate reward (the dot form above), c = sigmoid(h(s) + d_a) the chance the session goes on
-    after it and G = g(s) + k_a the discounted value of going on: a state term plus one number per
-    item each, so what an item does to the future is one number per item, not an item-by-state
-    interaction. The learner fits each part to its own signal (the reward, the 0/1 continuation,
-    the bootstrap of the transitions that went on), so a cost an item carries in what follows it (a
-    click that ends the session) is learned from every transition of that item, without the
-    Bernoulli noise of the session's end in one regression onto r + gamma (1 - done) V(s')."""
+    """Factor Q by what follows the action: Q(s, a) = R(s, a) + c(s, a) * G(s, a), with R = r(s) +
+    b_a (+ the repeat head's score) the immediate reward, c = sigmoid(h(s) + d_a) the chance the
+    session goes on after it and G = g(s) + k_a the discounted value of going on. Each part is a
+    state term plus one number per item, with no item-by-state product: Q learned from few
+    transitions (clicked slots) says per item what the item is worth and what it does to the
+    session, and the next-item head, ranked beside it, says which items this shopper would pick.
+    The learner fits each part to its own signal (the reward, the 0/1 continuation, the bootstrap
+    of the transitions that went on), so a cost an item carries in what follows it (a click that
+    ends the session) is learned from every transition of that item, without the Bernoulli noise
+    of the session's end in one regression onto r + gamma (1 - done) V(s'). Q reads no item table."""
     repeat_hidden: int = 32
     """Hidden width of the repeat head's per-slot scorer."""
     repeat_mode: str = "replace"
@@ -121,8 +123,10 @@ class NetworkConfig:
             raise ValueError(f"scores={self.scores!r} needs next_item_head=True")
         if not self.score_q_floor > 0:
             raise ValueError(f"score_q_floor must be > 0, got {self.score_q_floor}")
-        if self.factored_q and self.dueling:
-            raise ValueError("factored_q and dueling are two forms of Q: choose one")
+        if self.factored_q and (self.dueling or self.q_item_table):
+            raise ValueError(
+                "factored_q is a form of Q of its own, with no item table: not with dueling or q_item_table"
+            )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> NetworkConfig:
@@ -154,6 +158,7 @@ class QNetwork(nn.Module):
                 config.num_actions, config.embed_dim, embedding_init=nn.initializers.zeros
             )
         if config.factored_q:
+            self.reward_state = nn.Dense(1)  # r(s): what a step is worth here, before the item's bias
             self.continuation_state = nn.Dense(1)  # h(s): log-odds that the session goes on
             self.continuation_bias = self.param(
                 "continuation_bias", nn.initializers.zeros, (config.num_actions,)
@@ -245,15 +250,19 @@ class QNetwork(nn.Module):
         return self.continuation_state(hidden)[:, 0], self.continuation_value(hidden)[:, 0]
 
     def _q_from_hidden(self, obs: ObsBatch, hidden: jax.Array, context: jax.Array | None) -> jax.Array:
+        if self.config.factored_q:
+            reward = self.reward_state(hidden) + self.action_bias  # (B, A)
+            repeat = self._repeat_scores(obs, hidden, context)
+            if repeat is not None:
+                reward = add_to_items(reward, obs.items, repeat[..., 0])
+            going_on, future = self._continuation_parts(hidden)  # (B,), (B,)
+            chance = nn.sigmoid(going_on[:, None] + self.continuation_bias)  # (B, A)
+            return reward + chance * (future[:, None] + self.future_bias)
         state, value = self._advantage_parts(hidden)
         advantage = self._q_table().attend(state) + self.action_bias  # (B, A)
         repeat = self._repeat_scores(obs, hidden, context)
         if repeat is not None:
             advantage = add_to_items(advantage, obs.items, repeat[..., 0])
-        if self.config.factored_q:
-            going_on, future = self._continuation_parts(hidden)  # (B,), (B,)
-            chance = nn.sigmoid(going_on[:, None] + self.continuation_bias)  # (B, A)
-            return advantage + chance * (future[:, None] + self.future_bias)
         if value is None:
             return advantage
         return value[:, None] + advantage - advantage.mean(axis=1, keepdims=True)
@@ -285,16 +294,15 @@ class QNetwork(nn.Module):
     def _q_taken_from_hidden(
         self, obs: ObsBatch, hidden: jax.Array, context: jax.Array | None, actions: jax.Array
     ) -> jax.Array:
+        if self.config.factored_q:
+            reward, going_on, future = self._factored_taken(obs, hidden, context, actions)
+            return reward + nn.sigmoid(going_on) * future
         state, value = self._advantage_parts(hidden)
         table = self._q_table().embedding  # (A, E)
         q = jnp.einsum("be,be->b", state, table[actions]) + self.action_bias[actions]  # (B,)
         repeat = self._repeat_scores(obs, hidden, context)
         if repeat is not None:
             q = q + repeat_for_actions(obs.items, repeat[..., 0], actions)
-        if self.config.factored_q:
-            going_on, future = self._continuation_parts(hidden)  # (B,), (B,)
-            going_on = going_on + self.continuation_bias[actions]
-            return q + nn.sigmoid(going_on) * (future + self.future_bias[actions])
         if value is None:
             return q
         # mean_a (f·e_a + b_a) = f · mean_a e_a + mean_a b_a, still without a (B, A) matrix; the
@@ -348,14 +356,20 @@ class QNetwork(nn.Module):
             raise ValueError("factored_q_for_actions needs NetworkConfig(factored_q=True)")
         assert actions.shape == (obs.items.shape[0],), (actions.shape, obs.items.shape)
         hidden, context = self._encode(obs)
-        state, _ = self._advantage_parts(hidden)
-        reward = jnp.einsum("be,be->b", state, self._q_table().embedding[actions]) + self.action_bias[actions]
+        reward, going_on, future = self._factored_taken(obs, hidden, context, actions)
+        logits = self._next_item_from_hidden(obs, hidden, context) if next_item else None
+        return reward, going_on, future, logits
+
+    def _factored_taken(
+        self, obs: ObsBatch, hidden: jax.Array, context: jax.Array | None, actions: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """R(s, a), the continuation log-odds and G(s, a) for one action per state, each (B,)."""
+        reward = self.reward_state(hidden)[:, 0] + self.action_bias[actions]
         repeat = self._repeat_scores(obs, hidden, context)
         if repeat is not None:
             reward = reward + repeat_for_actions(obs.items, repeat[..., 0], actions)
         going_on, future = self._continuation_parts(hidden)
-        logits = self._next_item_from_hidden(obs, hidden, context) if next_item else None
-        return reward, going_on + self.continuation_bias[actions], future + self.future_bias[actions], logits
+        return reward, going_on + self.continuation_bias[actions], future + self.future_bias[actions]
 
     def q_and_next_item_logits(self, obs: ObsBatch) -> tuple[jax.Array, jax.Array]:
         """Q(s, a) and the next-item logits for all actions from one encoder pass: (B, A), (B, A)."""

@@ -637,6 +637,8 @@ def test_the_factored_q_reaches_both_demo_learners_and_cannot_be_blended_linearl
         LearnerServiceConfig(sqn_weight=1.0, serve_next_item_weight=1.0, factored_q=True)
     with pytest.raises(ConfigError, match="dueling"):
         LearnerServiceConfig(factored_q=True, dueling=True)
+    with pytest.raises(ConfigError, match="item table"):
+        LearnerServiceConfig(factored_q=True, q_item_table=True)
     config = DemoConfig(factored_q=True, serve_log_q_weight=3.0)
     assert learner_config(config, gamma=config.gamma).factored_q
     assert learner_config(config, gamma=0.0, bandit=True).factored_q

@@ -367,16 +367,14 @@ def test_the_factored_q_is_the_reward_plus_the_chance_of_going_on_times_what_goi
     going_on_bias = rng.normal(size=NUM_ACTIONS).astype(np.float32)
     future_bias = rng.normal(size=NUM_ACTIONS).astype(np.float32)
     params = {"params": {**inner, "continuation_bias": going_on_bias, "future_bias": future_bias}}
-    # R(s, a) is the plain network's Q from the same parameters, without the factored ones.
-    plain = QNetwork(config)
-    plain_params = {"params": {k: v for k, v in params["params"].items() if k not in FACTORED_PARAMS}}
-    reward = np.asarray(apply(plain, plain_params, obs), np.float64)
     hidden = np.asarray(apply(factored, params, obs, method=QNetwork.encode), np.float64)
 
     def dense(name: str) -> np.ndarray:
         layer = params["params"][name]
         return (hidden @ np.asarray(layer["kernel"], np.float64) + np.asarray(layer["bias"]))[:, 0]
 
+    # R(s, a) = r(s) + b_a, plus the repeat head's Q score on the window's items (zero at the start).
+    reward = dense("reward_state")[:, None] + np.asarray(inner["action_bias"])
     chance = 1.0 / (1.0 + np.exp(-(dense("continuation_state")[:, None] + going_on_bias)))
     worth = dense("continuation_value")[:, None] + future_bias
     expected = reward + chance * worth
@@ -396,10 +394,9 @@ def test_the_factored_q_is_the_reward_plus_the_chance_of_going_on_times_what_goi
     np.testing.assert_allclose(
         logits, apply(factored, params, obs, method=QNetwork.next_item_logits), rtol=1e-6
     )
-    with pytest.raises(ValueError, match="choose one"):
-        NetworkConfig(num_actions=3, factored_q=True, dueling=True)
+    assert "state_projection" not in inner  # Q reads no item table
+    for other in ({"dueling": True}, {"q_item_table": True}):
+        with pytest.raises(ValueError, match="form of Q of its own"):
+            NetworkConfig(num_actions=3, factored_q=True, **other)
     with pytest.raises(ValueError, match="factored_q=True"):
-        apply(plain, plain_params, obs, actions, method=QNetwork.factored_q_for_actions)
-
-
-FACTORED_PARAMS = ("continuation_state", "continuation_bias", "continuation_value", "future_bias")
+        apply(QNetwork(config), params, obs, actions, method=QNetwork.factored_q_for_actions)

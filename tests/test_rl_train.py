@@ -846,21 +846,19 @@ def test_the_factored_q_is_refused_where_its_parts_are_not_computed() -> None:
 
 
 def test_reset_action_rows_clears_q_own_table_and_the_factored_biases() -> None:
-    config = dataclasses.replace(FACTORED, q_item_table=True)
-    batch = random_batch(np.random.default_rng(9), 4, config.num_actions)
-    state = create_train_state(config, PERIODIC, batch.obs_tm1, jax.random.key(0))
-    names = ("continuation_bias", "future_bias")
-    params = jax.tree.map(lambda x: x, state.params)
-    for name in names:
-        params["params"][name] = jnp.ones_like(params["params"][name])
-    params["params"]["q_item_embedding"]["embedding"] = jnp.ones_like(
-        params["params"]["q_item_embedding"]["embedding"]
-    )
-    state = state.replace(params=params, target_params=params)
-    reset = reset_action_rows(state, [2], jax.random.key(1))
-    for tree in (reset.params, reset.target_params):
-        for leaf in [tree["params"][name] for name in names] + [
-            tree["params"]["q_item_embedding"]["embedding"]
-        ]:
-            np.testing.assert_array_equal(leaf[2], 0.0)
-            np.testing.assert_array_equal(leaf[np.array([0, 1, 3, 4, 5])], 1.0)
+    own_table = dataclasses.replace(SMALL, q_item_table=True)
+    for config, names in (
+        (own_table, ("q_item_embedding",)),
+        (FACTORED, ("continuation_bias", "future_bias")),
+    ):
+        batch = random_batch(np.random.default_rng(9), 4, config.num_actions)
+        state = create_train_state(config, PERIODIC, batch.obs_tm1, jax.random.key(0))
+        params = jax.tree.map(jnp.ones_like, state.params)
+        state = state.replace(params=params, target_params=params)
+        reset = reset_action_rows(state, [2], jax.random.key(1))
+        for tree in (reset.params, reset.target_params):
+            for name in names:
+                leaf = tree["params"][name]
+                leaf = leaf["embedding"] if isinstance(leaf, dict) else leaf
+                np.testing.assert_array_equal(leaf[2], 0.0)
+                np.testing.assert_array_equal(leaf[np.array([0, 1, 3, 4, 5])], 1.0)

@@ -75,7 +75,9 @@ class ModelSettings:
         "immediate reward, c the chance the session goes on after it (fitted to the transitions' done "
         "flags) and G the value of going on, each a state term plus one number per item and each fitted "
         "to its own signal; a cost an item carries in what follows it (a click that ends the session) is "
-        "then learned per item without the noise of the session's end (not with --dueling)",
+        "then learned per item without the noise of the session's end; for ranking beside the next-item "
+        "head (--serve-log-q-weight), which carries the personal part (not with --dueling or "
+        "--q-item-table)",
     )
     gamma: float = setting(0.9, help="discount factor")
     learning_rate: float = setting(1e-3, help="Adam step size")
@@ -156,8 +158,11 @@ class ModelSettings:
                 "with --q-item-table Q and the next-item head score different item tables, so they cannot "
                 "be blended linearly: use --serve-log-q-weight, or serve one head alone"
             )
-        if self.factored_q and self.dueling:
-            raise ConfigError("--factored-q and --dueling are two forms of Q: choose one")
+        if self.factored_q and (self.dueling or self.q_item_table):
+            raise ConfigError(
+                "--factored-q is a form of Q of its own, with no item table: not with --dueling or "
+                "--q-item-table"
+            )
         if self.factored_q and self.serve_next_item_weight != 0.0 and self.serve_q_weight != 0.0:
             raise ConfigError(
                 "the factored Q is not of the next-item head's form, so they cannot be blended linearly: "
