@@ -94,14 +94,16 @@ class DemoConfig(BusConfig):
     items: int = setting(300, help="items in the simulated catalogue")
     sessions_per_minute: float = setting(20.0, help="shopping sessions starting per simulated minute")
     clickbait_share: float = setting(
-        0.0,
+        0.2,
         help="share of clickbait items (simulator --clickbait-share): more appealing than they are worth, "
         "so a shopper who opens one from a slate may leave; a myopic policy favours them, a long-run one "
         "should not",
     )
     clickbait_appeal: float = setting(1.0, help="utility clickbait items gain in every shopper's eyes")
     clickbait_exit_probability: float = setting(
-        0.3, help="chance that a shopper leaves right after clicking a recommended clickbait item"
+        1.0,
+        help="chance that a shopper leaves right after clicking a recommended clickbait item (1: a "
+        "disappointed shopper always leaves)",
     )
     tick_seconds: float = setting(30.0, help="simulated seconds per step of the loop")
     report_every_minutes: float = setting(20.0, help="simulated minutes per point of the report's curves")
@@ -127,7 +129,7 @@ class DemoConfig(BusConfig):
         help="the DQN's and the bandit's Q score items against a table of their own (learner --q-item-table)",
     )
     factored_q: bool = setting(
-        False,
+        True,
         help="the DQN's and the bandit's Q is factored into the immediate reward, the chance the session "
         "goes on (one bias per item) and the value of going on (learner --factored-q)",
     )
@@ -157,15 +159,16 @@ class DemoConfig(BusConfig):
         "like SQN, the demo ranks by this supervised head",
     )
     serve_log_q_weight: float = setting(
-        0.0,
-        help="weight of log Q(s, a) added to the next-item logit in the DQN's and the bandit's published "
-        "score (learner --serve-log-q-weight): with --shown-slots clicked, rank by the chance a shopper "
-        "picks an item times its value once picked (0: off)",
+        3.0,
+        help="weight of log Q(s, a) added to the next-item logit in the DQN's published score (learner "
+        "--serve-log-q-weight; the bandit's is --bandit-serve-log-q-weight): with --shown-slots clicked, "
+        "rank by the chance a shopper picks an item times its value once picked, the value weighed 3 "
+        "times (0: by the next-item head alone)",
     )
-    bandit_serve_log_q_weight: float | None = setting(
-        None,
-        help="the bandit's own --serve-log-q-weight, to hold the DQN against the bandit at the bandit's "
-        "best setting (unset: the DQN's)",
+    bandit_serve_log_q_weight: float = setting(
+        0.0,
+        help="the bandit's own --serve-log-q-weight (default 0: it ranks by its next-item head alone, its "
+        "best setting, so the DQN is held against the bandit at its best; the DQN's value ranks both alike)",
     )
     serve_q_floor: float = setting(
         0.01,
@@ -173,23 +176,23 @@ class DemoConfig(BusConfig):
         "item earns at least a click's reward, 1, so a floor of 1 treats any lower Q as noise)",
     )
     learn_from: str = setting(
-        "logged",
+        "logged,recommendation",
         help="transition sources the DQN and the bandit learn from (learner --sources): logged (each "
         "shopper's own interactions, clicks on slates included), recommendation (every shown slot, "
         "whose next-item label is the item shown, not chosen) or both",
     )
     split_losses: bool = setting(
-        False,
+        True,
         help="the DQN's and the bandit's next-item head learns only from logged transitions and Q only "
         "from shown slots (learner --split-losses)",
     )
     td_bootstrap: str = setting(
-        "max",
+        "expected",
         help="the DQN's TD target values the next state at its best item (max) or under the next-item "
         "head's distribution of the shoppers' own choices (expected; learner --td-bootstrap)",
     )
     shown_slots: str = setting(
-        "all",
+        "clicked",
         help="shown-slot transitions the DQN and the bandit learn from: all, or clicked (SlateQ's value of "
         "an item given it is clicked; learner --shown-slots)",
     )
@@ -261,7 +264,7 @@ class DemoConfig(BusConfig):
             raise ConfigError("serve_next_item_weight needs the next-item head: set sqn_weight > 0")
         if self.td_bootstrap not in TD_BOOTSTRAPS:
             raise ConfigError(f"td_bootstrap must be {' or '.join(TD_BOOTSTRAPS)}, got {self.td_bootstrap!r}")
-        if self.bandit_serve_log_q_weight is not None and self.bandit_serve_log_q_weight < 0:
+        if self.bandit_serve_log_q_weight < 0:
             raise ConfigError(f"bandit_serve_log_q_weight must be >= 0, got {self.bandit_serve_log_q_weight}")
         if self.serve_log_q_weight == 0.0 and blends_into_the_repeat_head(
             self.repeat_head, self.serve_q_weight, self.serve_next_item_weight
@@ -694,9 +697,7 @@ def learner_config(
     config: DemoConfig, *, gamma: float, bandit: bool = False, **overrides: Any
 ) -> LearnerServiceConfig:
     """The settings of the demo's DQN learner (gamma = config.gamma) or its bandit (gamma 0, bandit)."""
-    log_q_weight = config.serve_log_q_weight
-    if bandit and config.bandit_serve_log_q_weight is not None:
-        log_q_weight = config.bandit_serve_log_q_weight
+    log_q_weight = config.bandit_serve_log_q_weight if bandit else config.serve_log_q_weight
     return LearnerServiceConfig(
         vocabulary_capacity=config.items + 500,
         embed_dim=32,
@@ -897,6 +898,7 @@ def live_table(demo: ClosedLoop) -> Table:
         "conversion",
         "reward / session (± s.e.)",
         "slate value / oracle",
+        "clickbait slots",
         "coverage",
     ):
         table.add_column(column, justify="right" if column != "policy" else "left")
@@ -916,6 +918,7 @@ def live_table(demo: ClosedLoop) -> Table:
             f"{numbers['conversion']:.2%}",
             f"{numbers['reward_per_session']:.2f} ± {numbers['reward_per_session_se']:.2f}",
             f"{numbers['slate_value_vs_oracle']:.2f}",
+            f"{numbers['clickbait_exposure']:.1%}",
             f"{numbers['coverage']:.1%}",
             sparkline(per_window.get(policy, []), top),
         )
@@ -1022,7 +1025,7 @@ def write_report(demo: ClosedLoop, out: Path) -> dict[str, Any]:
         f"<tr><td>{p}</td><td>{v['sessions']:,}</td><td>{v['recommendations']:,}</td><td>{v['ctr']:.1%}</td>"
         f"<td>{v['conversion']:.2%}</td>"
         f"<td>{v['reward_per_session']:.2f} ± {v['reward_per_session_se']:.2f}</td>"
-        f"<td>{v['slate_value_vs_oracle']:.2f}</td></tr>"
+        f"<td>{v['slate_value_vs_oracle']:.2f}</td><td>{v['clickbait_exposure']:.1%}</td></tr>"
         for p, v in data["policies"].items()
     )
     fairness = "".join(
@@ -1051,6 +1054,13 @@ def write_report(demo: ClosedLoop, out: Path) -> dict[str, Any]:
         + f"), the shop's clock at {run['speed']:g} times the wall clock; there is no oracle group, "
         "since only the simulator knows the shoppers' true preferences."
     )
+    sim_config = demo.sim.config
+    clickbait = (
+        f"{sim_config.clickbait_share:.0%} of the catalogue here, a click ending the session with chance "
+        f"{sim_config.clickbait_exit_probability:g}"
+        if sim_config.clickbait_share > 0
+        else "none in this shop"
+    )
     share = data["slates_in_session_share"]
     in_session = (
         f"{share:.0%} of the slates reached their shopper while the session was still on (a slate that "
@@ -1072,11 +1082,14 @@ Slate value / oracle: the expected immediate reward of the slates shown, by the 
 preferences and reaction model, over that of the oracle's slates for the same shoppers at the same
 moments; it does not
 depend on the shoppers' random draws, so it ranks the policies' choices with far less noise than
-reward per session, but it is myopic: what a click changes later is not in it.
+reward per session, but it is myopic: what a click changes later is not in it. Clickbait slots:
+the share of a policy's recommended slots that went to clickbait items (clicked more than they
+are worth; a shopper who clicks a recommended one may leave), {clickbait}.
 {how}</p>
 <p>DQN reward per session relative to the others: {ratios or "n/a"}. {in_session}</p>
 <table><tr><th>policy</th><th>sessions</th><th>recommendations</th><th>CTR</th><th>conversion</th>
-<th>reward / session (± standard error)</th><th>slate value / oracle</th></tr>{rows}</table>
+<th>reward / session (± standard error)</th><th>slate value / oracle</th><th>clickbait slots</th></tr>
+{rows}</table>
 <h2>Exposure and fairness</h2>
 <p>Coverage: share of the catalogue recommended. Gini: inequality of exposure across items and across
 brands (0 equal, 1 all on one). Popularity bias: exposure-weighted mean popularity percentile of what was

@@ -100,6 +100,9 @@ def test_short_demo_closes_the_loop_and_writes_the_report(tmp_path: Path) -> Non
     assert html.count("data:image/png;base64,") == 5, "the page is self-contained"
     assert "Exposure and fairness" in html and "popularity bias" in html
     assert "slate value / oracle" in html
+    # The demo's shop has clickbait: the page says how much and how often each policy showed it.
+    assert "clickbait slots" in html and "20% of the catalogue here" in html
+    assert 0.0 < policies["oracle"]["clickbait_exposure"] < 1.0
 
 
 @pytest.mark.timeout(400)
@@ -441,21 +444,29 @@ def test_demo_rejects_learner_settings_that_cannot_work() -> None:
     with pytest.raises(ConfigError, match="sqn_weight"):
         DemoConfig(sqn_weight=0.0)  # the default ranks by the next-item head
     with pytest.raises(ConfigError, match="cannot all be 0"):
-        DemoConfig(serve_next_item_weight=0.0)
+        DemoConfig(serve_next_item_weight=0.0, serve_log_q_weight=0.0)
     with pytest.raises(ConfigError, match="not both"):
-        DemoConfig(serve_log_q_weight=1.0, serve_q_weight=1.0, repeat_head=False)
+        DemoConfig(serve_log_q_weight=1.0, serve_q_weight=1.0, repeat_head=False, factored_q=False)
+    with pytest.raises(ConfigError, match="factored Q"):
+        DemoConfig(serve_q_weight=1.0, serve_log_q_weight=0.0, repeat_head=False)  # factored by default
     with pytest.raises(ConfigError, match="serve_log_q_weight must be"):
         DemoConfig(serve_log_q_weight=-1.0)
     assert DemoConfig(serve_log_q_weight=1.0).serve_log_q_weight == 1.0  # with the repeat head
     with pytest.raises(ConfigError, match="serve_q_floor"):
         DemoConfig(serve_q_floor=0.0)
+    plain_q = {"serve_log_q_weight": 0.0, "factored_q": False}
     with pytest.raises(ConfigError, match="--no-repeat-head"):
-        DemoConfig(serve_q_weight=1.0)  # the repeat head is on by default
-    assert DemoConfig(serve_q_weight=1.0, repeat_head=False).serve_q_weight == 1.0
+        DemoConfig(serve_q_weight=1.0, **plain_q)  # the repeat head is on by default
+    assert DemoConfig(serve_q_weight=1.0, repeat_head=False, **plain_q).serve_q_weight == 1.0
     with pytest.raises(ConfigError, match="window"):
         DemoConfig(window=0)
     config = DemoConfig(
-        sqn_weight=0.0, serve_q_weight=1.0, serve_next_item_weight=0.0, learn_from="logged,recommendation"
+        sqn_weight=0.0,
+        serve_q_weight=1.0,
+        serve_next_item_weight=0.0,
+        td_bootstrap="max",
+        learn_from="logged,recommendation",
+        **plain_q,
     )
     assert parse_sources(config.learn_from) == {"logged", "recommendation"}
 
