@@ -319,6 +319,9 @@ class Window:
     # oracle's slate for the same shopper at the same moment, summed over the slates shown.
     slate_value: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     oracle_slate_value: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
+    # Recommended slots holding a known item, and those holding clickbait.
+    slots: Counter[str] = field(default_factory=Counter)
+    clickbait_slots: Counter[str] = field(default_factory=Counter)
     events: int = 0
     transitions: int = 0
     updates: int = 0
@@ -509,10 +512,13 @@ class ClosedLoop(abc.ABC):
             window.recommendations[group] += 1
             self.labels[rec.policy] += 1
             exposure = self.exposure[group]
+            clickbait = self.sim.catalogue.clickbait
             for item in rec.items:
                 index = self.sim.item_index(item.item_id)
                 if index is not None:
                     exposure[index] += 1
+                    window.slots[group] += 1
+                    window.clickbait_slots[group] += int(clickbait[index])
             shown = [slot.item_id for slot in rec.items]
             value, best = self._slate_values(rec.user_id, shown, now_ms)
             slates[rec.user_id] = shown
@@ -865,6 +871,9 @@ def summary(demo: ClosedLoop) -> dict[str, Any]:
                 "purchases": dict(w.purchases),
                 "reward": dict(w.reward),
                 "sessions": {group: len(ids) for group, ids in w.sessions.items()},
+                "clickbait_share": {
+                    group: w.clickbait_slots[group] / slots for group, slots in w.slots.items() if slots
+                },
                 "model_version": w.model_version,
                 "loss": w.loss,
                 "explored_share": w.explored_share,
@@ -986,6 +995,20 @@ def write_report(demo: ClosedLoop, out: Path) -> dict[str, Any]:
         axis.grid(alpha=0.3)
         axis.legend(fontsize="small")
         save(name, f"{label} by policy", figure)
+    if demo.sim.config.clickbait_share > 0:
+        figure, axis = plt.subplots(figsize=(7, 3.6))
+        for policy in policies:
+            shares = [
+                w.clickbait_slots[policy] / w.slots[policy] if w.slots[policy] else float("nan")
+                for w in demo.windows
+            ]
+            axis.plot(hours, shares, marker="o", label=policy)
+        axis.axhline(demo.sim.config.clickbait_share, color="tab:gray", linestyle="--", label="catalogue")
+        axis.set_xlabel("simulated hours")
+        axis.set_ylabel("clickbait share of slots")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize="small")
+        save("clickbait_by_policy.png", "clickbait share of recommended slots by policy", figure)
     figure, axis = plt.subplots(figsize=(7, 3.6))
     losses = [(h, w.loss) for h, w in zip(hours, demo.windows, strict=True) if w.loss is not None]
     if losses:

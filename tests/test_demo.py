@@ -95,14 +95,20 @@ def test_short_demo_closes_the_loop_and_writes_the_report(tmp_path: Path) -> Non
         "learning_curve.png",
         "exploration.png",
         "exposure.png",
+        "clickbait_by_policy.png",  # the demo's shop has clickbait
     ):
         assert (out / name).stat().st_size > 1000
-    assert html.count("data:image/png;base64,") == 5, "the page is self-contained"
+    assert html.count("data:image/png;base64,") == 6, "the page is self-contained"
     assert "Exposure and fairness" in html and "popularity bias" in html
     assert "slate value / oracle" in html
     # The demo's shop has clickbait: the page says how much and how often each policy showed it.
     assert "clickbait slots" in html and "20% of the catalogue here" in html
     assert 0.0 < policies["oracle"]["clickbait_exposure"] < 1.0
+    # Per window, the share of each group's slots that held clickbait; over the late windows their
+    # slots make up the late-phase exposure.
+    late = [w for w in summary["windows"] if w["minute"] > summary["late_phase_from_minute"]]
+    assert all(0.0 <= share <= 1.0 for w in summary["windows"] for share in w["clickbait_share"].values())
+    assert {"oracle", "random"} <= set(late[-1]["clickbait_share"])
 
 
 @pytest.mark.timeout(400)
