@@ -329,6 +329,11 @@ class Window:
     loss: float | None = None
     explored_share: float | None = None
 
+    def clickbait_share(self, group: str) -> float | None:
+        """The share of the group's recommended slots that held clickbait (None without slots)."""
+        slots = self.slots[group]
+        return self.clickbait_slots[group] / slots if slots else None
+
 
 class DemoMetrics:
     """What the demo process exports: late-phase results and exposure, per policy group."""
@@ -504,6 +509,7 @@ class ClosedLoop(abc.ABC):
         # The actor decides a batch of slates at once, each keeping out the shopper's slate from
         # before the batch; so does the oracle slate each is measured against.
         slates: dict[str, list[str]] = {}
+        clickbait = self.sim.catalogue.clickbait  # (num_items,) bool
         for record in records:
             rec = RECOMMENDATIONS.decode(record.value)
             if not isinstance(rec, Recommendation):
@@ -512,7 +518,6 @@ class ClosedLoop(abc.ABC):
             window.recommendations[group] += 1
             self.labels[rec.policy] += 1
             exposure = self.exposure[group]
-            clickbait = self.sim.catalogue.clickbait
             for item in rec.items:
                 index = self.sim.item_index(item.item_id)
                 if index is not None:
@@ -872,7 +877,7 @@ def summary(demo: ClosedLoop) -> dict[str, Any]:
                 "reward": dict(w.reward),
                 "sessions": {group: len(ids) for group, ids in w.sessions.items()},
                 "clickbait_share": {
-                    group: w.clickbait_slots[group] / slots for group, slots in w.slots.items() if slots
+                    group: share for group in w.slots if (share := w.clickbait_share(group)) is not None
                 },
                 "model_version": w.model_version,
                 "loss": w.loss,
@@ -998,10 +1003,7 @@ def write_report(demo: ClosedLoop, out: Path) -> dict[str, Any]:
     if demo.sim.config.clickbait_share > 0:
         figure, axis = plt.subplots(figsize=(7, 3.6))
         for policy in policies:
-            shares = [
-                w.clickbait_slots[policy] / w.slots[policy] if w.slots[policy] else float("nan")
-                for w in demo.windows
-            ]
+            shares = [np.nan if (share := w.clickbait_share(policy)) is None else share for w in demo.windows]
             axis.plot(hours, shares, marker="o", label=policy)
         axis.axhline(demo.sim.config.clickbait_share, color="tab:gray", linestyle="--", label="catalogue")
         axis.set_xlabel("simulated hours")
