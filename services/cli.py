@@ -496,12 +496,16 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         RollbackConfig,
     )
+    from services.bench import BENCHMARKS
+
     bench = sub("bench", "run benchmarks and write their figures as JSON", cmd_bench)
+    bench.formatter_class = argparse.RawDescriptionHelpFormatter
+    bench.epilog = "benchmarks:\n" + "\n".join(f"  {name:<14} {what}" for name, what in BENCHMARKS.items())
     bench.add_argument(
         "names",
         nargs="*",
         metavar="NAME",
-        help="benchmarks to run (default: all): codec, replay, kafka_consume",
+        help=f"benchmarks to run (default: all): {', '.join(BENCHMARKS)}",
     )
     bench.add_argument("--quick", action="store_true", help="short runs (each well under a minute)")
     bench.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")

@@ -50,6 +50,14 @@ def test_replay_help_names_formats_env_and_defaults() -> None:
         assert text in out
 
 
+def test_bench_help_names_every_benchmark_with_what_it_measures() -> None:
+    from services.bench import BENCHMARKS
+
+    out = run("bench", "--help").stdout
+    for name, what in BENCHMARKS.items():
+        assert f"  {name}" in out and what in out, name
+
+
 def test_missing_log_file_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["replay", str(tmp_path / "nope.csv"), "--no-progress"])
     assert code == 2
