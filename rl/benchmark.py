@@ -9,7 +9,9 @@
     state), K updates fused in one `lax.scan`, target sync inside, TD loss on
     the gathered taken action only; over 10,000 actions Adam moves only the item rows each batch
     reaches (`LearnerConfig.item_updates` "auto"), and the same update with dense Adam is timed
-    beside it (`qrec_dense_items_tps`).
+    beside it (`qrec_dense_items_tps`). At 100,000 actions, qrec's update with SQN's next-item loss
+    too, over the full softmax and over a sampled one (`sqn_full_softmax_tps`,
+    `sqn_sampled_softmax_tps`).
 
 All three use the same QNetwork (64-d dense state, no window, 256x256 hidden, 64-d item table of A
 actions), batch 256 for (b) and (c), Huber (MSE for the seed loop, as it was), Adam and a target
@@ -46,6 +48,8 @@ FEATURE_DIM = 64
 HIDDEN_SIZES = (256, 256)
 EMBED_DIM = 64
 BATCH_SIZE = 256
+# Items drawn per update for the sampled next-item softmax in the SQN figures.
+SQN_NEGATIVES = 1024
 
 
 def dqn_update_flops(
@@ -305,6 +309,9 @@ def bench_case(num_actions: int, *, quick: bool, peak_flops: float) -> dict[str,
         double_dqn=learner_config.double_dqn,
     )
     achieved = flops_per_update * qrec_tps / BATCH_SIZE
+    sqn = (
+        _sqn_case(network_config, learner_config, batches_host, stacked, qrec_calls, repeats) if large else {}
+    )
     return {
         "num_actions": num_actions,
         "batch_size": BATCH_SIZE,
@@ -320,6 +327,33 @@ def bench_case(num_actions: int, *, quick: bool, peak_flops: float) -> dict[str,
         "ratio_vs_jit_batch": qrec_tps / jit_batch_tps,
         "item_updates": "lazy" if lazy else "dense",
         **({"qrec_dense_items_tps": dense_tps, "lazy_speedup": qrec_tps / dense_tps} if lazy else {}),
+        **sqn,
+    }
+
+
+def _sqn_case(
+    network_config: NetworkConfig,
+    learner_config: LearnerConfig,
+    batches_host: list[TransitionBatch],
+    stacked: TransitionBatch,
+    calls: int,
+    repeats: int,
+) -> dict[str, Any]:
+    """qrec's update with SQN's next-item loss beside the TD loss (weight 1), side by side: the full
+    softmax over every action (the item table then updates densely) and the sampled softmax over
+    SQN_NEGATIVES drawn items (lazily)."""
+    sqn_network_config = dataclasses.replace(network_config, next_item_head=True)
+    network = QNetwork(sqn_network_config)
+    figures = {}
+    for name, negatives in (("full", 0), ("sampled", SQN_NEGATIVES)):
+        config = dataclasses.replace(learner_config, sqn_weight=1.0, next_item_negatives=negatives)
+        state = create_train_state(sqn_network_config, config, batches_host[0].obs_tm1, jax.random.key(0))
+        figures[name] = _qrec_tps(network, state, stacked, config, calls, repeats)
+    return {
+        "sqn_full_softmax_tps": figures["full"],
+        "sqn_sampled_softmax_tps": figures["sampled"],
+        "sqn_next_item_negatives": SQN_NEGATIVES,
+        "sqn_sampled_speedup": figures["sampled"] / figures["full"],
     }
 
 

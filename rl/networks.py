@@ -38,6 +38,9 @@ NEXT_ITEM_BIAS_PATH = ("params", "next_item_bias")
 Q_ITEM_EMBEDDING_PATH = ("params", "q_item_embedding", "embedding")
 CONTINUATION_BIAS_PATH = ("params", "continuation_bias")
 FUTURE_BIAS_PATH = ("params", "future_bias")
+# A sampled next-item logit that must not count (the sample is the state's own next item): finite, so
+# the cross-entropy's log-sum-exp stays exact and its gradient there is 0.
+MASKED_LOGIT = -1e9
 ACTION_ROW_PATHS = (
     ITEM_EMBEDDING_PATH,
     ACTION_BIAS_PATH,
@@ -334,30 +337,57 @@ class QNetwork(nn.Module):
         # alone, so the item-embedding noise of barely trained items cannot reorder the window.
         return replace_at_items(logits, obs.items, repeat[..., 1])
 
+    def _sampled_next_item_from_hidden(
+        self, hidden: jax.Array, actions: jax.Array, negatives: jax.Array
+    ) -> jax.Array:
+        """Next-item logits (B, 1 + N) over each state's own next item (column 0) and N sampled items
+        shared by the batch; a sampled item that is the state's own next item is masked out."""
+        if self.config.repeat_head:
+            raise ValueError(
+                "sampled next-item logits need repeat_head=False: the repeat head rescores window items"
+            )
+        projected = self.next_item_projection(hidden)  # (B, E)
+        table = self.item_embedding.embedding  # (A, E)
+        positive = jnp.einsum("be,be->b", projected, table[actions]) + self.next_item_bias[actions]  # (B,)
+        sampled = projected @ table[negatives].T + self.next_item_bias[negatives]  # (B, N)
+        sampled = jnp.where(negatives[None, :] == actions[:, None], MASKED_LOGIT, sampled)
+        return jnp.concatenate([positive[:, None], sampled], axis=1)
+
     def q_for_actions_and_next_item_logits(
-        self, obs: ObsBatch, actions: jax.Array
+        self, obs: ObsBatch, actions: jax.Array, negatives: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array]:
-        """Both SQN outputs from one encoder pass: Q(s, a) for the given actions (B,), logits (B, A)."""
+        """Both SQN outputs from one encoder pass: Q(s, a) for the given actions (B,), logits (B, A);
+        with `negatives` (N,) the sampled logits (B, 1 + N) instead, whose column 0 is the label."""
         assert actions.shape == (obs.items.shape[0],), (actions.shape, obs.items.shape)
         hidden, context = self._encode(obs)
-        return (
-            self._q_taken_from_hidden(obs, hidden, context, actions),
-            self._next_item_from_hidden(obs, hidden, context),
-        )
+        q = self._q_taken_from_hidden(obs, hidden, context, actions)
+        if negatives is not None:
+            return q, self._sampled_next_item_from_hidden(hidden, actions, negatives)
+        return q, self._next_item_from_hidden(obs, hidden, context)
 
     def factored_q_for_actions(
-        self, obs: ObsBatch, actions: jax.Array, *, next_item: bool = False
+        self,
+        obs: ObsBatch,
+        actions: jax.Array,
+        *,
+        next_item: bool = False,
+        negatives: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
         """The factored form's parts for one given action per state, from one encoder pass: R(s, a),
         the continuation log-odds h(s) + d_a and G(s, a) = g(s) + k_a, each (B,), and the next-item
-        logits (B, A) with next_item=True (else None). Q(s, a) = R + sigmoid(log-odds) * G. Needs
+        logits (B, A) with next_item=True (else None), or with `negatives` (N,) too the sampled
+        logits (B, 1 + N) whose column 0 is the label. Q(s, a) = R + sigmoid(log-odds) * G. Needs
         factored_q=True."""
         if not self.config.factored_q:
             raise ValueError("factored_q_for_actions needs NetworkConfig(factored_q=True)")
         assert actions.shape == (obs.items.shape[0],), (actions.shape, obs.items.shape)
         hidden, context = self._encode(obs)
         reward, going_on, future = self._factored_taken(obs, hidden, context, actions)
-        logits = self._next_item_from_hidden(obs, hidden, context) if next_item else None
+        logits: jax.Array | None = None
+        if next_item and negatives is not None:
+            logits = self._sampled_next_item_from_hidden(hidden, actions, negatives)
+        elif next_item:
+            logits = self._next_item_from_hidden(obs, hidden, context)
         return reward, going_on, future, logits
 
     def _factored_taken(

@@ -71,6 +71,11 @@ class LearnerConfig:
     """TD errors beyond this magnitude are penalised linearly."""
     sqn_weight: float = 0.0
     """Weight of SQN's next-item cross-entropy (label a_tm1); 0 disables it."""
+    next_item_negatives: int = 0
+    """0: the next-item cross-entropy is a softmax over every action, (B, A) per update. N > 0: a
+    sampled softmax over each state's own next item and N items drawn uniformly (with replacement)
+    from the allowed actions per update, shared by the batch: O(B·N) instead of O(B·A), and only
+    those rows' gradients are nonzero, so the item table can be updated lazily (item_updates)."""
     td_weight: float = 1.0
     """Weight of the TD loss; 0 (with sqn_weight > 0) trains a plain supervised next-item model."""
     split_losses: bool = False
@@ -118,9 +123,12 @@ class LearnerConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.item_updates not in ITEM_UPDATES:
             raise ValueError(f"item_updates must be one of {ITEM_UPDATES}, got {self.item_updates!r}")
-        if self.item_updates == "lazy" and self.sqn_weight > 0:
+        if self.next_item_negatives < 0:
+            raise ValueError(f"next_item_negatives must be >= 0, got {self.next_item_negatives}")
+        if self.item_updates == "lazy" and self.sqn_weight > 0 and self.next_item_negatives == 0:
             raise ValueError(
-                "item_updates 'lazy' needs sqn_weight 0: the next-item softmax reaches every item's row"
+                "item_updates 'lazy' needs sqn_weight 0 or next_item_negatives > 0: the full "
+                "next-item softmax reaches every item's row"
             )
         if self.weight_decay_scope not in WEIGHT_DECAY_SCOPES:
             raise ValueError(
@@ -362,6 +370,7 @@ def update(
     batch_size = batch.a_tm1.shape[0]
     num_actions = network.config.num_actions
     use_sqn = config.sqn_weight > 0
+    negatives = sample_negatives(config, state.step, action_mask, num_actions) if use_sqn else None
     if use_sqn and not network.config.next_item_head:
         raise ValueError("sqn_weight > 0 needs NetworkConfig(next_item_head=True)")
     if config.bootstrap == "expected" and not network.config.next_item_head:
@@ -398,15 +407,16 @@ def update(
     # reaches (gathered, with the window and action indices renumbered to match), and Adam updates
     # those rows and their moments; the rest of every per-action table is left as it is.
     if lazy_item_updates(config, network.config):
-        touched = touched_action_rows(batch, num_actions)  # (U,)
+        touched = touched_action_rows(batch, num_actions, negatives)  # (U,)
         loss_network = QNetwork(dataclasses.replace(network.config, num_actions=touched.shape[0]))
         obs_tm1 = batch.obs_tm1.replace(items=_local_rows(touched, batch.obs_tm1.items))
         a_tm1 = _local_rows(touched, batch.a_tm1)
+        negatives_in = None if negatives is None else _local_rows(touched, negatives)
         params_in = gather_action_rows(state.params, touched, num_actions)
         opt_state_in = gather_action_rows(state.opt_state, touched, num_actions)
     else:
         touched = None
-        loss_network, obs_tm1, a_tm1 = network, batch.obs_tm1, batch.a_tm1
+        loss_network, obs_tm1, a_tm1, negatives_in = network, batch.obs_tm1, batch.a_tm1, negatives
         params_in, opt_state_in = state.params, state.opt_state
 
     def loss_fn(params: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -415,7 +425,12 @@ def update(
             reward, going_on, future, logits = cast(
                 "tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]",
                 loss_network.apply(
-                    params, obs_tm1, a_tm1, next_item=use_sqn, method=QNetwork.factored_q_for_actions
+                    params,
+                    obs_tm1,
+                    a_tm1,
+                    next_item=use_sqn,
+                    negatives=negatives_in,
+                    method=QNetwork.factored_q_for_actions,
                 ),
             )  # (B,) x 3, (B, A) or None
             q_tm1_a = reward + jax.nn.sigmoid(going_on) * future
@@ -423,16 +438,22 @@ def update(
             q_tm1_a, logits = cast(
                 "tuple[jax.Array, jax.Array]",
                 loss_network.apply(
-                    params, obs_tm1, a_tm1, method=QNetwork.q_for_actions_and_next_item_logits
+                    params,
+                    obs_tm1,
+                    a_tm1,
+                    negatives_in,
+                    method=QNetwork.q_for_actions_and_next_item_logits,
                 ),
-            )  # (B,), (B, A)
+            )  # (B,), (B, A) or sampled (B, 1 + N)
         else:
             q_tm1_a = cast(
                 jax.Array, loss_network.apply(params, obs_tm1, a_tm1, method=QNetwork.q_for_actions)
             )
             logits = None
         if logits is not None:
-            cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, a_tm1)  # (B,)
+            # Sampled logits put each state's own next item in column 0.
+            labels = a_tm1 if negatives_in is None else jnp.zeros_like(a_tm1)
+            cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, labels)  # (B,)
             next_item_loss = _mean_over(batch.weights * cross_entropy, next_item_rows)
         else:
             next_item_loss = jnp.zeros((), jnp.float32)
@@ -518,7 +539,7 @@ def lazy_item_updates(config: LearnerConfig, network_config: NetworkConfig) -> b
         return True
     return (
         network_config.num_actions > LAZY_ITEM_UPDATES_ABOVE
-        and config.sqn_weight == 0
+        and (config.sqn_weight == 0 or config.next_item_negatives > 0)
         and config.weight_decay == 0
         and not network_config.dueling
         and not network_config.q_item_table
@@ -526,17 +547,38 @@ def lazy_item_updates(config: LearnerConfig, network_config: NetworkConfig) -> b
     )
 
 
-def touched_action_rows(batch: TransitionBatch, num_actions: int) -> jax.Array:
-    """The action indices the TD loss reaches, sorted, (U,) with U = B·W + B + 2: padding and OOV
-    (always, so they keep local indices 0 and 1), the s_tm1 window items and the taken actions;
-    the unused tail is filled with num_actions (out of range: gathers 0, scatters nothing)."""
-    ids = jnp.concatenate(
-        [
-            jnp.array([PAD_INDEX, OOV_INDEX], jnp.int32),
-            batch.obs_tm1.items.reshape(-1).astype(jnp.int32),
-            batch.a_tm1.astype(jnp.int32),
-        ]
-    )
+def sample_negatives(
+    config: LearnerConfig, step: jax.Array, action_mask: jax.Array | None, num_actions: int
+) -> jax.Array | None:
+    """The update's sampled next-item negatives, (N,) action indices drawn uniformly with replacement
+    from the allowed actions (all but padding and OOV when action_mask is None); None when the
+    next-item softmax is over every action. Drawn from (config.seed, step): the same update draws
+    the same items."""
+    if config.next_item_negatives == 0:
+        return None
+    allowed = jnp.arange(num_actions) > OOV_INDEX if action_mask is None else jnp.asarray(action_mask, bool)
+    weights = allowed.astype(jnp.float32)
+    key = jax.random.fold_in(jax.random.key(config.seed), step)
+    return jax.random.choice(
+        key, num_actions, shape=(config.next_item_negatives,), p=weights / jnp.maximum(weights.sum(), 1.0)
+    ).astype(jnp.int32)
+
+
+def touched_action_rows(
+    batch: TransitionBatch, num_actions: int, negatives: jax.Array | None = None
+) -> jax.Array:
+    """The action indices the loss reaches, sorted, (U,) with U = B·W + B + 2 (+ N): padding and OOV
+    (always, so they keep local indices 0 and 1), the s_tm1 window items, the taken actions and the
+    sampled next-item negatives (N,) when given; the unused tail is filled with num_actions (out of
+    range: gathers 0, scatters nothing)."""
+    parts = [
+        jnp.array([PAD_INDEX, OOV_INDEX], jnp.int32),
+        batch.obs_tm1.items.reshape(-1).astype(jnp.int32),
+        batch.a_tm1.astype(jnp.int32),
+    ]
+    if negatives is not None:
+        parts.append(negatives.astype(jnp.int32))
+    ids = jnp.concatenate(parts)
     return jnp.unique(ids, size=ids.shape[0], fill_value=num_actions)
 
 

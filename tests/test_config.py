@@ -123,3 +123,20 @@ def test_the_learners_item_updates_setting_is_checked_and_reaches_the_update() -
         load_config(LearnerServiceConfig, {"item_updates": "sparse"}, env={})
     with pytest.raises(ConfigError, match="sqn-weight 0"):
         load_config(LearnerServiceConfig, {"item_updates": "lazy", "sqn_weight": 1.0}, env={})
+
+
+def test_the_learners_sampled_next_item_setting_is_checked_and_reaches_the_update() -> None:
+    from services.learner.config import LearnerServiceConfig
+    from services.learner.trainer import learner_config_for
+
+    sampled = {"sqn_weight": 1.0, "next_item_negatives": 64}
+    assert learner_config_for(load_config(LearnerServiceConfig, sampled, env={})).next_item_negatives == 64
+    assert learner_config_for(load_config(LearnerServiceConfig, {}, env={})).next_item_negatives == 0
+    # A sampled softmax reaches only the rows it draws, so the item table may update lazily.
+    load_config(LearnerServiceConfig, {**sampled, "item_updates": "lazy"}, env={})
+    with pytest.raises(ConfigError, match="set sqn_weight > 0"):
+        load_config(LearnerServiceConfig, {"next_item_negatives": 64}, env={})
+    with pytest.raises(ConfigError, match="repeat-head"):
+        load_config(LearnerServiceConfig, {**sampled, "repeat_head": True}, env={})
+    with pytest.raises(ConfigError, match="next_item_negatives must be >= 0"):
+        load_config(LearnerServiceConfig, {"sqn_weight": 1.0, "next_item_negatives": -1}, env={})

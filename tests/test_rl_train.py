@@ -22,6 +22,7 @@ from rl.train import (
     create_train_state,
     lazy_item_updates,
     reset_action_rows,
+    sample_negatives,
     stack_batches,
     update,
     update_jit,
@@ -352,6 +353,10 @@ def test_auto_item_updates_are_lazy_for_large_catalogues_whose_loss_allows_it() 
         lazy_item_updates(LearnerConfig(item_updates="lazy"), dataclasses.replace(SMALL, dueling=True))
     with pytest.raises(ValueError, match="sqn_weight 0"):
         LearnerConfig(item_updates="lazy", sqn_weight=1.0)
+    # A sampled next-item softmax reaches only the rows it draws.
+    sampled = LearnerConfig(sqn_weight=1.0, next_item_negatives=64)
+    assert lazy_item_updates(sampled, dataclasses.replace(large, next_item_head=True))
+    assert lazy_item_updates(dataclasses.replace(sampled, item_updates="lazy"), SMALL)
     # Q's own item table is not among the rows the lazy update gathers.
     assert not lazy_item_updates(LearnerConfig(), dataclasses.replace(large, q_item_table=True))
     with pytest.raises(ValueError, match="q_item_table"):
@@ -534,6 +539,108 @@ def test_sqn_next_item_head_learns_a_deterministic_sequence() -> None:
     assert before <= 0.5
     assert after == 1.0, f"next-item accuracy {after} (chance {1 / SEQUENCE_ITEMS})"
     assert float(losses[-1][-1]) < 0.2 * float(losses[0][0])
+
+
+SAMPLED_NETWORK = NetworkConfig(num_actions=50, embed_dim=8, hidden_sizes=(16,), next_item_head=True)
+
+
+def test_sampled_next_item_loss_is_the_cross_entropy_over_the_item_and_the_drawn_negatives() -> None:
+    config = LearnerConfig(sqn_weight=1.0, next_item_negatives=12, learning_rate=1e-2)
+    network = QNetwork(SAMPLED_NETWORK)
+    batch = random_batch(np.random.default_rng(5), 32, 20)  # actions and windows within 0..19
+    mask = np.zeros(50, bool)
+    mask[2:20] = True  # the vocabulary's assigned rows
+    state = create_train_state(SAMPLED_NETWORK, config, batch.obs_tm1, jax.random.key(0))
+    logits = np.asarray(
+        network.apply(state.params, batch.obs_tm1, method=QNetwork.next_item_logits)
+    )  # (B, A)
+    for step in (0, 1):
+        drawn = np.asarray(sample_negatives(config, jnp.asarray(step), jnp.asarray(mask), 50))
+        assert drawn.shape == (12,) and mask[drawn].all(), drawn  # only assigned rows are drawn
+    negatives = np.asarray(sample_negatives(config, state.step, jnp.asarray(mask), 50))
+    assert not np.array_equal(
+        negatives, np.asarray(sample_negatives(config, state.step + 1, jnp.asarray(mask), 50))
+    )
+    expected = []
+    for row, action in enumerate(np.asarray(batch.a_tm1)):
+        # The item itself, then every draw that is not the item (repeated draws count each time).
+        candidates = logits[row, [action, *[n for n in negatives if n != action]]]
+        expected.append(
+            np.log(np.sum(np.exp(candidates - candidates.max()))) + candidates.max() - logits[row, action]
+        )
+    _, metrics = update_jit(state, batch, network=network, config=config, action_mask=jnp.asarray(mask))
+    np.testing.assert_allclose(float(metrics["next_item_loss"]), np.mean(expected), rtol=1e-5)
+    # Without a mask, padding and OOV are never drawn.
+    unmasked = np.asarray(
+        sample_negatives(dataclasses.replace(config, next_item_negatives=2000), state.step, None, 50)
+    )
+    assert unmasked.min() >= 2 and len(set(unmasked.tolist())) == 48
+
+
+def test_sampled_next_item_lazy_update_moves_the_drawn_rows_as_dense_adam_does() -> None:
+    # From a fresh state, dense Adam moves exactly the rows with a gradient: the batch's own (items
+    # 2..9) and the drawn negatives, most of them rows no transition reaches. The lazy update must
+    # gather and move the same rows by the same amounts.
+    network_config = NetworkConfig(num_actions=40, embed_dim=4, hidden_sizes=(8,), next_item_head=True)
+    batch = rows_batch(np.random.default_rng(3), 2, 10)
+    results = {}
+    for mode in ("dense", "lazy"):
+        config = LearnerConfig(
+            item_updates=mode,  # type: ignore[arg-type]
+            sqn_weight=1.0,
+            next_item_negatives=24,
+            learning_rate=1e-2,
+        )
+        state = create_train_state(network_config, config, batch.obs_tm1, jax.random.key(0))
+        results[mode] = (state, *update_jit(state, batch, network=QNetwork(network_config), config=config))
+    (start, dense_state, dense_metrics), (_, lazy_state, lazy_metrics) = results["dense"], results["lazy"]
+    drawn = set(np.asarray(sample_negatives(config, start.step, None, 40)).tolist())
+    beyond = sorted(drawn - set(range(10)))
+    assert len(beyond) >= 10, beyond
+    table = ("params", "item_embedding", "embedding")
+    moved = np.asarray(dense_state.params[table[0]][table[1]][table[2]]) != np.asarray(
+        start.params[table[0]][table[1]][table[2]]
+    )
+    assert moved[beyond].all(axis=1).all()  # the negatives' rows took a step
+    jax.tree.map(lambda d, z: np.testing.assert_allclose(z, d, rtol=1e-5, atol=1e-7), dense_state, lazy_state)
+    for name in ("loss", "next_item_loss", "grad_norm"):
+        np.testing.assert_allclose(lazy_metrics[name], dense_metrics[name], rtol=1e-5)
+
+
+def test_sampled_next_item_head_learns_a_sequence_in_a_catalogue_it_samples_from() -> None:
+    # 40 items in a cycle among 400 actions; each update draws 16 of them as negatives.
+    network_config = NetworkConfig(num_actions=400, embed_dim=16, hidden_sizes=(32,), next_item_head=True)
+    config = LearnerConfig(sqn_weight=1.0, td_weight=0.0, next_item_negatives=16, learning_rate=1e-2)
+    assert lazy_item_updates(dataclasses.replace(config, item_updates="lazy"), network_config)
+    batch = sequence_batch(window=3, num_items=40)
+    network = QNetwork(network_config)
+    state = create_train_state(network_config, config, batch.obs_tm1, jax.random.key(0))
+    mask = jnp.asarray(np.arange(400) >= 2)
+
+    def accuracy(current: TrainState) -> float:
+        logits = network.apply(current.params, batch.obs_tm1, method=QNetwork.next_item_logits)
+        return float(np.mean(np.asarray(jnp.argmax(logits, axis=1)) == np.asarray(batch.a_tm1)))
+
+    before = accuracy(state)
+    for _ in range(6):
+        state, _ = update_many(
+            state, stack_batches([batch] * 50), network=network, config=config, action_mask=mask
+        )
+    after = accuracy(state)
+    # Ranked against all 400 actions, most of which no update drew as often as its own items.
+    assert before <= 0.1
+    assert after >= 0.95, f"next-item accuracy {after} over the full catalogue"
+
+
+def test_sampled_next_item_logits_are_refused_with_the_repeat_head() -> None:
+    network_config = dataclasses.replace(SAMPLED_NETWORK, repeat_head=True)
+    config = LearnerConfig(sqn_weight=1.0, next_item_negatives=4)
+    batch = random_batch(np.random.default_rng(0), 8, 20)
+    state = create_train_state(network_config, config, batch.obs_tm1, jax.random.key(0))
+    with pytest.raises(ValueError, match="repeat_head"):
+        update(state, batch, network=QNetwork(network_config), config=config)
+    with pytest.raises(ValueError, match="next_item_negatives must be >= 0"):
+        LearnerConfig(sqn_weight=1.0, next_item_negatives=-1)
 
 
 @pytest.mark.parametrize(

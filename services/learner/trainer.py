@@ -76,6 +76,7 @@ def learner_config_for(settings: ModelSettings) -> LearnerConfig:
         target_update_period=settings.target_update_period,
         polyak_tau=settings.polyak_tau,
         sqn_weight=settings.sqn_weight,
+        next_item_negatives=settings.next_item_negatives,
         split_losses=settings.split_losses,
         item_updates=settings.item_updates,  # type: ignore[arg-type]
         seed=settings.seed,
