@@ -544,13 +544,17 @@ def test_sqn_next_item_head_learns_a_deterministic_sequence() -> None:
 SAMPLED_NETWORK = NetworkConfig(num_actions=50, embed_dim=8, hidden_sizes=(16,), next_item_head=True)
 
 
-def test_sampled_next_item_loss_is_the_cross_entropy_over_the_item_and_the_drawn_negatives() -> None:
+@pytest.mark.parametrize("factored_q", [False, True])
+def test_sampled_next_item_loss_is_the_cross_entropy_over_the_item_and_the_drawn_negatives(
+    factored_q: bool,
+) -> None:
     config = LearnerConfig(sqn_weight=1.0, next_item_negatives=12, learning_rate=1e-2)
-    network = QNetwork(SAMPLED_NETWORK)
+    network_config = dataclasses.replace(SAMPLED_NETWORK, factored_q=factored_q)
+    network = QNetwork(network_config)
     batch = random_batch(np.random.default_rng(5), 32, 20)  # actions and windows within 0..19
     mask = np.zeros(50, bool)
     mask[2:20] = True  # the vocabulary's assigned rows
-    state = create_train_state(SAMPLED_NETWORK, config, batch.obs_tm1, jax.random.key(0))
+    state = create_train_state(network_config, config, batch.obs_tm1, jax.random.key(0))
     logits = np.asarray(
         network.apply(state.params, batch.obs_tm1, method=QNetwork.next_item_logits)
     )  # (B, A)

@@ -43,6 +43,12 @@ class EvaluateConfig:
     learning_rate: float = setting(3e-3, help="Adam step size of the neural models")
     gamma: float = setting(0.5, help="discount of the Q-learning models")
     sqn_weight: float = setting(1.0, help="weight of the next-item loss in the joint SQN model")
+    next_item_negatives: int = setting(
+        0,
+        help="train the next-item heads (supervised, sqn) by a sampled softmax over the true next item "
+        "and this many items drawn uniformly per update instead of the full softmax; needs "
+        "--no-repeat-head (0: full softmax)",
+    )
     embed_dim: int = setting(64, help="item embedding width of the neural models")
     weight_decay: float = setting(
         10.0,
@@ -150,6 +156,13 @@ class EvaluateConfig:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.sqn_weight <= 0:
             raise ConfigError(f"sqn_weight must be > 0, got {self.sqn_weight}")
+        if self.next_item_negatives < 0:
+            raise ConfigError(f"next_item_negatives must be >= 0, got {self.next_item_negatives}")
+        if self.next_item_negatives > 0 and self.repeat_head:
+            raise ConfigError(
+                "next_item_negatives does not work with the repeat head (its scores reach the whole "
+                "window's logits): add --no-repeat-head"
+            )
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.repeat_mode not in REPEAT_MODES:

@@ -78,6 +78,7 @@ class NeuralModel:
             gamma=config.gamma,
             learning_rate=config.learning_rate,
             sqn_weight=0.0 if variant == "q_only" else config.sqn_weight,
+            next_item_negatives=0 if variant == "q_only" else config.next_item_negatives,
             batch_size=config.batch_size,
             replay_capacity=max(1, len(train)),
             seed=seed,
