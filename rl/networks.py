@@ -38,8 +38,8 @@ NEXT_ITEM_BIAS_PATH = ("params", "next_item_bias")
 Q_ITEM_EMBEDDING_PATH = ("params", "q_item_embedding", "embedding")
 CONTINUATION_BIAS_PATH = ("params", "continuation_bias")
 FUTURE_BIAS_PATH = ("params", "future_bias")
-# A sampled next-item logit that must not count (the sample is the state's own next item): finite, so
-# the cross-entropy's log-sum-exp stays exact and its gradient there is 0.
+# A score left out of a sampled softmax's sum (a sampled item that is the state's own next item or in
+# its window): finite, so the log-sum-exp stays exact and its gradient there is 0.
 MASKED_LOGIT = -1e9
 ACTION_ROW_PATHS = (
     ITEM_EMBEDDING_PATH,
@@ -337,32 +337,72 @@ class QNetwork(nn.Module):
         # alone, so the item-embedding noise of barely trained items cannot reorder the window.
         return replace_at_items(logits, obs.items, repeat[..., 1])
 
-    def _sampled_next_item_from_hidden(
-        self, hidden: jax.Array, actions: jax.Array, negatives: jax.Array
+    def _sampled_next_item_log_probs(
+        self,
+        obs: ObsBatch,
+        hidden: jax.Array,
+        context: jax.Array | None,
+        actions: jax.Array,
+        negatives: jax.Array,
     ) -> jax.Array:
-        """Next-item logits (B, 1 + N) over each state's own next item (column 0) and N sampled items
-        shared by the batch; a sampled item that is the state's own next item is masked out."""
-        if self.config.repeat_head:
-            raise ValueError(
-                "sampled next-item logits need repeat_head=False: the repeat head rescores window items"
-            )
+        """log P(a | s) (B,) of each state's own next item `actions`, as `_next_item_from_hidden` gives
+        it, with the sum over the catalogue in its normaliser taken over N sampled items `negatives`
+        (N,) shared by the batch instead: a sampled softmax. A sampled item equal to the state's own
+        next item is left out of that state's sum. With the repeat head, the window's items are
+        scored exactly (they are few, and the strongest competitors) and only the items outside the
+        window are sampled. With every action as `negatives` once, it equals the full log-softmax."""
         projected = self.next_item_projection(hidden)  # (B, E)
-        table = self.item_embedding.embedding  # (A, E)
-        positive = jnp.einsum("be,be->b", projected, table[actions]) + self.next_item_bias[actions]  # (B,)
-        sampled = projected @ table[negatives].T + self.next_item_bias[negatives]  # (B, N)
-        sampled = jnp.where(negatives[None, :] == actions[:, None], MASKED_LOGIT, sampled)
-        return jnp.concatenate([positive[:, None], sampled], axis=1)
+        table, bias = self.item_embedding.embedding, self.next_item_bias  # (A, E), (A,)
+        explore_taken = jnp.einsum("be,be->b", projected, table[actions]) + bias[actions]  # (B,)
+        explore_sampled = projected @ table[negatives].T + bias[negatives]  # (B, N)
+        counted = negatives[None, :] != actions[:, None]  # (B, N)
+        repeat = self._repeat_scores(obs, hidden, context)
+        if repeat is None:
+            sampled = jnp.where(counted, explore_sampled, MASKED_LOGIT)
+            return explore_taken - jax.nn.logsumexp(jnp.concatenate([explore_taken[:, None], sampled], 1), 1)
+        items = obs.items  # (B, W)
+        known = items >= FIRST_ITEM_INDEX  # (B, W)
+        taken_slots = known & (items == actions[:, None])  # (B, W)
+        taken_in_window = taken_slots.any(axis=1)  # (B,)
+        # The window's items are scored exactly below: a sampled one is not counted again.
+        counted &= ~((negatives[None, :, None] == items[:, None, :]) & known[:, None, :]).any(axis=2)
+        sampled = jnp.where(counted, explore_sampled, MASKED_LOGIT)  # (B, N)
+        slot_scores = repeat[..., 1]  # (B, W)
+        if self.config.repeat_mode == "mixture":
+            # P(repeat) times the softmax over the window's slots for a window item; P(explore) times
+            # the softmax over the items outside the window (here: sampled) for the rest.
+            mode = self.repeat_mode_logit(hidden)[:, 0]  # (B,)
+            any_known = known.any(axis=1)  # (B,)
+            slot_log_probs = jax.nn.log_softmax(jnp.where(known, slot_scores, -1e30), axis=1)  # (B, W)
+            log_window = jax.nn.logsumexp(jnp.where(taken_slots, slot_log_probs, MASKED_LOGIT), axis=1)
+            log_repeat = jax.nn.log_sigmoid(mode) + log_window  # (B,)
+            log_explore = jnp.where(any_known, jax.nn.log_sigmoid(-mode), 0.0)  # (B,)
+            explore = explore_taken - jax.nn.logsumexp(
+                jnp.concatenate([explore_taken[:, None], sampled], 1), 1
+            )
+            return jnp.where(taken_in_window, log_repeat, log_explore + explore)
+        # 'replace': a window item is scored by its repeat score (the highest of its slots), once.
+        same = (items[:, :, None] == items[:, None, :]) & known[:, :, None] & known[:, None, :]  # (B, W, W)
+        item_scores = jnp.max(jnp.where(same, slot_scores[:, None, :], -jnp.inf), axis=2)  # (B, W)
+        earlier = jnp.tril(jnp.ones(same.shape[1:], bool), k=-1)  # (W, W): v < w
+        first = known & ~(same & earlier).any(axis=2)  # (B, W): the first slot of its item
+        window = jnp.where(first, item_scores, MASKED_LOGIT)  # (B, W)
+        taken_repeat = jnp.max(jnp.where(taken_slots, slot_scores, -jnp.inf), axis=1)  # (B,)
+        taken = jnp.where(taken_in_window, taken_repeat, explore_taken)  # (B,)
+        # The taken item is in the window's part when it is a window item, else in a column of its own.
+        outside = jnp.where(taken_in_window, MASKED_LOGIT, explore_taken)  # (B,)
+        return taken - jax.nn.logsumexp(jnp.concatenate([outside[:, None], window, sampled], 1), 1)
 
     def q_for_actions_and_next_item_logits(
         self, obs: ObsBatch, actions: jax.Array, negatives: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array]:
         """Both SQN outputs from one encoder pass: Q(s, a) for the given actions (B,), logits (B, A);
-        with `negatives` (N,) the sampled logits (B, 1 + N) instead, whose column 0 is the label."""
+        with `negatives` (N,) the sampled softmax's log P(a | s) of the given actions (B,) instead."""
         assert actions.shape == (obs.items.shape[0],), (actions.shape, obs.items.shape)
         hidden, context = self._encode(obs)
         q = self._q_taken_from_hidden(obs, hidden, context, actions)
         if negatives is not None:
-            return q, self._sampled_next_item_from_hidden(hidden, actions, negatives)
+            return q, self._sampled_next_item_log_probs(obs, hidden, context, actions, negatives)
         return q, self._next_item_from_hidden(obs, hidden, context)
 
     def factored_q_for_actions(
@@ -376,7 +416,7 @@ class QNetwork(nn.Module):
         """The factored form's parts for one given action per state, from one encoder pass: R(s, a),
         the continuation log-odds h(s) + d_a and G(s, a) = g(s) + k_a, each (B,), and the next-item
         logits (B, A) with next_item=True (else None), or with `negatives` (N,) too the sampled
-        logits (B, 1 + N) whose column 0 is the label. Q(s, a) = R + sigmoid(log-odds) * G. Needs
+        softmax's log P(a | s) of the given actions (B,). Q(s, a) = R + sigmoid(log-odds) * G. Needs
         factored_q=True."""
         if not self.config.factored_q:
             raise ValueError("factored_q_for_actions needs NetworkConfig(factored_q=True)")
@@ -385,7 +425,7 @@ class QNetwork(nn.Module):
         reward, going_on, future = self._factored_taken(obs, hidden, context, actions)
         logits: jax.Array | None = None
         if next_item and negatives is not None:
-            logits = self._sampled_next_item_from_hidden(hidden, actions, negatives)
+            logits = self._sampled_next_item_log_probs(obs, hidden, context, actions, negatives)
         elif next_item:
             logits = self._next_item_from_hidden(obs, hidden, context)
         return reward, going_on, future, logits

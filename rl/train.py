@@ -444,16 +444,17 @@ def update(
                     negatives_in,
                     method=QNetwork.q_for_actions_and_next_item_logits,
                 ),
-            )  # (B,), (B, A) or sampled (B, 1 + N)
+            )  # (B,), (B, A) or sampled (B,)
         else:
             q_tm1_a = cast(
                 jax.Array, loss_network.apply(params, obs_tm1, a_tm1, method=QNetwork.q_for_actions)
             )
             logits = None
         if logits is not None:
-            # Sampled logits put each state's own next item in column 0.
-            labels = a_tm1 if negatives_in is None else jnp.zeros_like(a_tm1)
-            cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, labels)  # (B,)
+            if negatives_in is None:
+                cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, a_tm1)  # (B,)
+            else:  # the sampled softmax gives log P(a_tm1 | s) itself, (B,)
+                cross_entropy = -logits
             next_item_loss = _mean_over(batch.weights * cross_entropy, next_item_rows)
         else:
             next_item_loss = jnp.zeros((), jnp.float32)

@@ -136,7 +136,6 @@ def test_the_learners_sampled_next_item_setting_is_checked_and_reaches_the_updat
     load_config(LearnerServiceConfig, {**sampled, "item_updates": "lazy"}, env={})
     with pytest.raises(ConfigError, match="set sqn_weight > 0"):
         load_config(LearnerServiceConfig, {"next_item_negatives": 64}, env={})
-    with pytest.raises(ConfigError, match="repeat-head"):
-        load_config(LearnerServiceConfig, {**sampled, "repeat_head": True}, env={})
+    load_config(LearnerServiceConfig, {**sampled, "repeat_head": True}, env={})
     with pytest.raises(ConfigError, match="next_item_negatives must be >= 0"):
         load_config(LearnerServiceConfig, {"sqn_weight": 1.0, "next_item_negatives": -1}, env={})

@@ -163,10 +163,8 @@ def test_config_errors_name_the_problem():
         EvaluateConfig(log="x", weight_decay_scope="biases")
     with pytest.raises(ConfigError, match="repeat_mode"):
         EvaluateConfig(log="x", repeat_mode="copy")
-    with pytest.raises(ConfigError, match="--no-repeat-head"):
-        EvaluateConfig(log="x", next_item_negatives=64)
     with pytest.raises(ConfigError, match="next_item_negatives must be >= 0"):
-        EvaluateConfig(log="x", next_item_negatives=-1, repeat_head=False)
+        EvaluateConfig(log="x", next_item_negatives=-1)
 
 
 def test_next_item_negatives_reach_the_next_item_models_and_not_q_only(tmp_path):
@@ -175,9 +173,7 @@ def test_next_item_negatives_reach_the_next_item_models_and_not_q_only(tmp_path)
     sessions = {"u0": [("d", "view", None), ("a", "view", None), ("b", "view", None)]}
     log = load_log(_write_log(tmp_path / "log.jsonl", sessions), window=10)
     catalogue = Catalogue.of([log])
-    config = EvaluateConfig(
-        log="unused", embed_dim=8, hidden_sizes="16", batch_size=4, repeat_head=False, next_item_negatives=3
-    )
+    config = EvaluateConfig(log="unused", embed_dim=8, hidden_sizes="16", batch_size=4, next_item_negatives=3)
     for variant, negatives in (("sqn", 3), ("supervised", 3), ("q_only", 0)):
         model = NeuralModel(variant, config, catalogue, log.interactions, seed=0)
         assert model.trainer.learner_config.next_item_negatives == negatives, variant

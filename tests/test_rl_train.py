@@ -581,11 +581,21 @@ def test_sampled_next_item_loss_is_the_cross_entropy_over_the_item_and_the_drawn
     assert unmasked.min() >= 2 and len(set(unmasked.tolist())) == 48
 
 
-def test_sampled_next_item_lazy_update_moves_the_drawn_rows_as_dense_adam_does() -> None:
+@pytest.mark.parametrize("repeat_mode", [None, "replace", "mixture"])
+def test_sampled_next_item_lazy_update_moves_the_drawn_rows_as_dense_adam_does(
+    repeat_mode: str | None,
+) -> None:
     # From a fresh state, dense Adam moves exactly the rows with a gradient: the batch's own (items
     # 2..9) and the drawn negatives, most of them rows no transition reaches. The lazy update must
     # gather and move the same rows by the same amounts.
-    network_config = NetworkConfig(num_actions=40, embed_dim=4, hidden_sizes=(8,), next_item_head=True)
+    network_config = NetworkConfig(
+        num_actions=40,
+        embed_dim=4,
+        hidden_sizes=(8,),
+        next_item_head=True,
+        repeat_head=repeat_mode is not None,
+        repeat_mode=repeat_mode or "replace",
+    )
     batch = rows_batch(np.random.default_rng(3), 2, 10)
     results = {}
     for mode in ("dense", "lazy"):
@@ -636,13 +646,44 @@ def test_sampled_next_item_head_learns_a_sequence_in_a_catalogue_it_samples_from
     assert after >= 0.95, f"next-item accuracy {after} over the full catalogue"
 
 
-def test_sampled_next_item_logits_are_refused_with_the_repeat_head() -> None:
-    network_config = dataclasses.replace(SAMPLED_NETWORK, repeat_head=True)
-    config = LearnerConfig(sqn_weight=1.0, next_item_negatives=4)
-    batch = random_batch(np.random.default_rng(0), 8, 20)
-    state = create_train_state(network_config, config, batch.obs_tm1, jax.random.key(0))
-    with pytest.raises(ValueError, match="repeat_head"):
-        update(state, batch, network=QNetwork(network_config), config=config)
+@pytest.mark.parametrize("repeat", ["none", "replace", "mixture"])
+def test_sampled_next_item_log_probs_equal_the_full_softmax_when_every_action_is_drawn_once(
+    repeat: str,
+) -> None:
+    network_config = dataclasses.replace(
+        SAMPLED_NETWORK,
+        repeat_head=repeat != "none",
+        repeat_mode="mixture" if repeat == "mixture" else "replace",
+    )
+    network = QNetwork(network_config)
+    rng = np.random.default_rng(11)
+    batch = random_batch(rng, 24, 20, window=5)  # windows with repeats, padding and OOV
+    actions = np.asarray(batch.a_tm1).copy()
+    actions[:8] = np.asarray(batch.obs_tm1.items)[:8, -1]  # some next items are window items
+    actions = jnp.asarray(actions)
+    params = create_train_state(network_config, LearnerConfig(), batch.obs_tm1, jax.random.key(3)).params
+    # Move the repeat head off its zero start, so window items score apart from the rest.
+    params = jax.tree.map(lambda x: x + 0.3 * jnp.asarray(rng.normal(size=x.shape), x.dtype), params)
+    logits = network.apply(params, batch.obs_tm1, method=QNetwork.next_item_logits)  # (B, A)
+    rows = np.arange(24)
+    if repeat == "mixture":  # already log P(a | s)
+        full = np.asarray(logits)[rows, actions]
+    else:
+        full = np.asarray(jax.nn.log_softmax(logits, axis=1))[rows, actions]
+    every_action = jnp.arange(50, dtype=jnp.int32)
+    _, sampled = network.apply(
+        params, batch.obs_tm1, actions, every_action, method=QNetwork.q_for_actions_and_next_item_logits
+    )
+    np.testing.assert_allclose(np.asarray(sampled), full, rtol=1e-4, atol=1e-5)
+    # Drawn twice over, in any order, every item outside the window would count twice.
+    doubled = jnp.concatenate([every_action, every_action[::-1]])
+    _, twice = network.apply(
+        params, batch.obs_tm1, actions, doubled, method=QNetwork.q_for_actions_and_next_item_logits
+    )
+    outside = ~np.asarray(
+        ((batch.obs_tm1.items == actions[:, None]) & (batch.obs_tm1.items >= 2)).any(axis=1)
+    )
+    assert np.all(np.asarray(twice)[outside] < full[outside])
     with pytest.raises(ValueError, match="next_item_negatives must be >= 0"):
         LearnerConfig(sqn_weight=1.0, next_item_negatives=-1)
 

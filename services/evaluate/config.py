@@ -46,8 +46,8 @@ class EvaluateConfig:
     next_item_negatives: int = setting(
         0,
         help="train the next-item heads (supervised, sqn) by a sampled softmax over the true next item "
-        "and this many items drawn uniformly per update instead of the full softmax; needs "
-        "--no-repeat-head (0: full softmax)",
+        "and this many items drawn uniformly per update (with the repeat head, the window's items are "
+        "scored exactly and only the rest are drawn) instead of the full softmax (0: full softmax)",
     )
     embed_dim: int = setting(64, help="item embedding width of the neural models")
     weight_decay: float = setting(
@@ -158,11 +158,6 @@ class EvaluateConfig:
             raise ConfigError(f"sqn_weight must be > 0, got {self.sqn_weight}")
         if self.next_item_negatives < 0:
             raise ConfigError(f"next_item_negatives must be >= 0, got {self.next_item_negatives}")
-        if self.next_item_negatives > 0 and self.repeat_head:
-            raise ConfigError(
-                "next_item_negatives does not work with the repeat head (its scores reach the whole "
-                "window's logits): add --no-repeat-head"
-            )
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.repeat_mode not in REPEAT_MODES:
