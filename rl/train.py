@@ -528,11 +528,6 @@ def lazy_item_updates(config: LearnerConfig, network_config: NetworkConfig) -> b
     if config.item_updates == "dense":
         return False
     if config.item_updates == "lazy":
-        if network_config.q_item_table or network_config.factored_q:
-            raise ValueError(
-                "item_updates 'lazy' does not gather Q's own item table (q_item_table) or the "
-                "continuation biases (factored_q): use dense"
-            )
         if network_config.dueling:
             raise ValueError(
                 "item_updates 'lazy' needs dueling False: the dueling form's mean reaches every item's row"
@@ -543,8 +538,6 @@ def lazy_item_updates(config: LearnerConfig, network_config: NetworkConfig) -> b
         and (config.sqn_weight == 0 or config.next_item_negatives > 0)
         and config.weight_decay == 0
         and not network_config.dueling
-        and not network_config.q_item_table
-        and not network_config.factored_q
     )
 
 

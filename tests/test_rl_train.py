@@ -258,16 +258,21 @@ def reached_rows(batch: TransitionBatch) -> set[int]:
     return {*np.asarray(batch.obs_tm1.items).ravel().tolist(), *np.asarray(batch.a_tm1).tolist()}
 
 
-def test_lazy_item_updates_equal_dense_adam_when_every_row_is_reached() -> None:
+@pytest.mark.parametrize("form", ["plain", "factored_q", "q_item_table"])
+def test_lazy_item_updates_equal_dense_adam_when_every_row_is_reached(form: str) -> None:
     rng = np.random.default_rng(1)
     batches = [random_batch(rng, 64, 8, window=3) for _ in range(4)]
     assert all(reached_rows(batch) == set(range(8)) for batch in batches)  # else the two may differ
+    # Every per-item table of the form (Q's own table, the factored biases) is gathered and updated.
+    network_config = dataclasses.replace(
+        LAZY_NETWORK, factored_q=form == "factored_q", q_item_table=form == "q_item_table"
+    )
     results = {}
     for mode in ("dense", "lazy"):
         config = LearnerConfig(item_updates=mode, learning_rate=1e-2, target_update_period=2)  # type: ignore[arg-type]
-        state = create_train_state(LAZY_NETWORK, config, batches[0].obs_tm1, jax.random.key(0))
+        state = create_train_state(network_config, config, batches[0].obs_tm1, jax.random.key(0))
         results[mode] = update_many(
-            state, stack_batches(batches), network=QNetwork(LAZY_NETWORK), config=config
+            state, stack_batches(batches), network=QNetwork(network_config), config=config
         )
     (dense_state, dense_metrics), (lazy_state, lazy_metrics) = results["dense"], results["lazy"]
     # Params, target, Adam's count and moments: the whole state, leaf by leaf.
@@ -357,10 +362,12 @@ def test_auto_item_updates_are_lazy_for_large_catalogues_whose_loss_allows_it() 
     sampled = LearnerConfig(sqn_weight=1.0, next_item_negatives=64)
     assert lazy_item_updates(sampled, dataclasses.replace(large, next_item_head=True))
     assert lazy_item_updates(dataclasses.replace(sampled, item_updates="lazy"), SMALL)
-    # Q's own item table is not among the rows the lazy update gathers.
-    assert not lazy_item_updates(LearnerConfig(), dataclasses.replace(large, q_item_table=True))
-    with pytest.raises(ValueError, match="q_item_table"):
-        lazy_item_updates(LearnerConfig(item_updates="lazy"), dataclasses.replace(SMALL, q_item_table=True))
+    # Q's own item table and the factored form's per-item biases are gathered with the rest.
+    assert lazy_item_updates(LearnerConfig(), dataclasses.replace(large, q_item_table=True))
+    assert lazy_item_updates(LearnerConfig(), dataclasses.replace(large, factored_q=True))
+    assert lazy_item_updates(
+        LearnerConfig(item_updates="lazy"), dataclasses.replace(SMALL, q_item_table=True)
+    )
     with pytest.raises(ValueError, match="item_updates"):
         LearnerConfig(item_updates="sparse")  # type: ignore[arg-type]
 
@@ -991,10 +998,6 @@ def test_the_factored_q_is_refused_where_its_parts_are_not_computed() -> None:
     state = create_train_state(large, PERIODIC, batch.obs_tm1, jax.random.key(0))
     with pytest.raises(ValueError, match="bootstrap='expected'"):
         update(state, batch, network=QNetwork(large), config=PERIODIC)
-    big = dataclasses.replace(FACTORED, num_actions=LAZY_ITEM_UPDATES_ABOVE + 1)
-    assert not lazy_item_updates(LearnerConfig(), big)
-    with pytest.raises(ValueError, match="factored_q"):
-        lazy_item_updates(LearnerConfig(item_updates="lazy"), FACTORED)
 
 
 def test_reset_action_rows_clears_q_own_table_and_the_factored_biases() -> None:
