@@ -448,6 +448,22 @@ class QNetwork(nn.Module):
         hidden, context = self._encode(obs)
         return self._q_from_hidden(obs, hidden, context), self._next_item_from_hidden(obs, hidden, context)
 
+    def expected_value_parts(self, obs: ObsBatch) -> dict[str, jax.Array]:
+        """The state terms the next-item logits and Q(s, a) are built from, for a caller that scores
+        the actions in chunks (no repeat head, no dueling form): 'next_item' (B, E) and either
+        'q_state' f(s) (B, E) or, for the factored form, 'reward' r(s), 'going_on' h(s) and 'future'
+        g(s), each (B,)."""
+        if self.config.repeat_head or self.config.dueling or not self.config.next_item_head:
+            raise ValueError("expected_value_parts needs next_item_head and neither repeat_head nor dueling")
+        hidden, _ = self._encode(obs)
+        parts = {"next_item": self.next_item_projection(hidden)}
+        if self.config.factored_q:
+            going_on, future = self._continuation_parts(hidden)
+            parts.update(reward=self.reward_state(hidden)[:, 0], going_on=going_on, future=future)
+        else:
+            parts["q_state"] = self._advantage_parts(hidden)[0]
+        return parts
+
     def scoring_parts(self, obs: ObsBatch) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
         """f(s) (B, E), V(s) (B,) or None, and the repeat head's Q scores for the window (B, W) or
         None: everything Q(s, a) is built from, so a caller can score the actions in chunks.

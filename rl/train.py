@@ -351,6 +351,90 @@ def _expected_bootstrap_targets(
     return jax.vmap(expected_sarsa_target)(batch.r_t, discount_t, q_t, probs_t)
 
 
+def expected_in_chunks(network_config: NetworkConfig) -> bool:
+    """Whether the expected bootstrap runs over chunks of the catalogue: over CHUNKED_ABOVE actions,
+    for the forms `chunked_expected_values` scores (no repeat head, no dueling form)."""
+    return (
+        network_config.num_actions > CHUNKED_ABOVE
+        and not network_config.repeat_head
+        and not network_config.dueling
+    )
+
+
+def chunked_expected_values(
+    network: QNetwork,
+    target_params: Any,
+    obs_t: ObsBatch,
+    action_mask: jax.Array | None,
+    *,
+    chunk: int = BOOTSTRAP_CHUNK,
+) -> jax.Array:
+    """E_{a ~ softmax(next-item logits)} Q(s_t, a) (B,) over the allowed actions, both from
+    `target_params`, without materialising (B, A) logits or values: the catalogue is scored in
+    chunks with a running (online) softmax, each block reduced while still in cache. Needs the
+    next-item head and neither the repeat head nor the dueling form (`_expected_bootstrap_targets`
+    serves those)."""
+    config = network.config
+    num_actions = config.num_actions
+    chunks = -(-num_actions // chunk)
+    pad = chunks * chunk - num_actions
+    parts = cast(
+        "dict[str, jax.Array]", network.apply(target_params, obs_t, method=QNetwork.expected_value_parts)
+    )
+    params = target_params["params"]
+
+    def per_chunk(values: jax.Array) -> jax.Array:  # (A, ...) -> (n, C, ...), zero padding
+        return jnp.pad(values, [(0, pad)] + [(0, 0)] * (values.ndim - 1)).reshape(
+            chunks, chunk, *values.shape[1:]
+        )
+
+    allowed = jnp.ones((num_actions,), bool) if action_mask is None else jnp.asarray(action_mask, bool)
+    # Disallowed actions and the padding get a next-item bias of -inf: no probability.
+    next_bias = jnp.where(per_chunk(allowed), per_chunk(params["next_item_bias"]), -jnp.inf)  # (n, C)
+    xs: dict[str, jax.Array] = {
+        "table": per_chunk(params["item_embedding"]["embedding"]),  # (n, C, E)
+        "next_bias": next_bias,
+        "bias": per_chunk(params["action_bias"]),  # (n, C)
+    }
+    if config.factored_q:
+        xs["continuation_bias"] = per_chunk(params["continuation_bias"])
+        xs["future_bias"] = per_chunk(params["future_bias"])
+    elif config.q_item_table:
+        xs["q_table"] = per_chunk(params["q_item_embedding"]["embedding"])
+    batch_size = parts["next_item"].shape[0]
+
+    def add_chunk(
+        carry: tuple[jax.Array, jax.Array, jax.Array], block: dict[str, jax.Array]
+    ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], None]:
+        top, mass, weighted = carry  # (B,) each: running max logit, sum of exp, sum of exp * Q
+        # Actions on the long axis, (C, B), as in the chunked max.
+        logits = block["table"] @ parts["next_item"].T + block["next_bias"][:, None]  # (C, B)
+        if config.factored_q:
+            chance = jax.nn.sigmoid(parts["going_on"][None, :] + block["continuation_bias"][:, None])
+            q = (
+                parts["reward"][None, :]
+                + block["bias"][:, None]
+                + chance * (parts["future"][None, :] + block["future_bias"][:, None])
+            )  # (C, B)
+        else:
+            table = block["q_table"] if config.q_item_table else block["table"]
+            q = table @ parts["q_state"].T + block["bias"][:, None]  # (C, B)
+        new_top = jnp.maximum(top, jnp.max(logits, axis=0))  # (B,)
+        # The shift stays finite while no allowed action has been seen yet (max -inf), so no -inf - -inf.
+        shift = jnp.where(jnp.isfinite(new_top), new_top, 0.0)  # (B,)
+        rescale = jnp.exp(top - shift)  # (B,); 0 while nothing was allowed yet (top -inf)
+        weights = jnp.exp(logits - shift[None, :])  # (C, B); 0 where not allowed
+        return (
+            new_top,
+            mass * rescale + weights.sum(axis=0),
+            weighted * rescale + jnp.sum(weights * jnp.where(weights > 0, q, 0.0), axis=0),
+        ), None
+
+    init = (jnp.full((batch_size,), -jnp.inf), jnp.zeros((batch_size,)), jnp.zeros((batch_size,)))
+    (_, mass, weighted), _ = jax.lax.scan(add_chunk, init, xs)
+    return weighted / jnp.maximum(mass, jnp.finfo(jnp.float32).tiny)
+
+
 def update(
     state: TrainState,
     batch: TransitionBatch,
@@ -390,6 +474,9 @@ def update(
     # loss they are not needed at all (and over a large catalogue they are most of the work).
     if config.td_weight == 0:
         target_tm1 = jnp.zeros((batch_size,), jnp.float32)
+    elif config.bootstrap == "expected" and expected_in_chunks(network.config):
+        expected = chunked_expected_values(network, state.target_params, batch.obs_t, action_mask)  # (B,)
+        target_tm1 = jax.lax.stop_gradient(batch.r_t + discount_t * expected)
     elif config.bootstrap == "expected":
         target_tm1 = _expected_bootstrap_targets(state, batch, network, discount_t, action_mask)
     elif num_actions > CHUNKED_ABOVE:

@@ -762,6 +762,39 @@ def test_chunked_bootstrap_equals_the_full_score_matrix(
         np.testing.assert_allclose(batch.r_t + discount * q_boot, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("form", ["plain", "q_item_table", "factored_q"])
+def test_chunked_expected_bootstrap_equals_the_full_softmax_and_value_matrices(form: str) -> None:
+    from rl.train import _expected_bootstrap_targets, chunked_expected_values, expected_in_chunks
+
+    num_actions = 3_000  # three chunks of 1,024, the last one padded
+    network_config = NetworkConfig(
+        num_actions=num_actions,
+        embed_dim=8,
+        hidden_sizes=(16,),
+        next_item_head=True,
+        q_item_table=form == "q_item_table",
+        factored_q=form == "factored_q",
+    )
+    assert expected_in_chunks(network_config)
+    assert not expected_in_chunks(dataclasses.replace(network_config, repeat_head=True))
+    network = QNetwork(network_config)
+    rng = np.random.default_rng(4)
+    batch = random_batch(rng, 32, num_actions, window=3)
+    params = create_train_state(network_config, LearnerConfig(), batch.obs_tm1, jax.random.key(1)).params
+    # Every table and bias off its start (biases and Q's own table start at zero), logits spread wide.
+    params = jax.tree.map(lambda x: x + 2.0 * jnp.asarray(rng.normal(size=x.shape), x.dtype), params)
+    state = TrainState(params=params, target_params=params, opt_state=None, step=jnp.zeros((), jnp.int32))
+    discount = jnp.asarray(0.9 * batch.discount_t)
+    first_chunk_closed = np.ones(num_actions, bool)
+    first_chunk_closed[:1024] = False  # a whole chunk with nothing allowed comes first
+    random_mask = rng.random(num_actions) < 0.3
+    for action_mask in (None, jnp.asarray(first_chunk_closed), jnp.asarray(random_mask)):
+        expected = _expected_bootstrap_targets(state, batch, network, discount, action_mask)
+        values = chunked_expected_values(network, params, batch.obs_t, action_mask)
+        assert np.all(np.isfinite(np.asarray(values)))
+        np.testing.assert_allclose(batch.r_t + discount * values, expected, rtol=2e-4, atol=2e-4)
+
+
 @pytest.mark.parametrize("double_dqn", [False, True])
 def test_chunked_bootstrap_rates_action_0_when_no_action_is_allowed(double_dqn: bool) -> None:
     """Plain DQN takes the best chunk score as the value; with nothing allowed that score is -inf, and
