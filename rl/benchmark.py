@@ -26,7 +26,7 @@ import dataclasses
 import itertools
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -341,12 +341,20 @@ def _sqn_case(
 ) -> dict[str, Any]:
     """qrec's update with SQN's next-item loss beside the TD loss (weight 1), side by side: the full
     softmax over every action (the item table then updates densely) and the sampled softmax over
-    SQN_NEGATIVES drawn items (lazily)."""
+    SQN_NEGATIVES drawn items (lazily), and the sampled one with the expected bootstrap (E of Q under
+    the next-item softmax, over chunks of the catalogue) in place of the max."""
     sqn_network_config = dataclasses.replace(network_config, next_item_head=True)
     network = QNetwork(sqn_network_config)
     figures = {}
-    for name, negatives in (("full", 0), ("sampled", SQN_NEGATIVES)):
-        config = dataclasses.replace(learner_config, sqn_weight=1.0, next_item_negatives=negatives)
+    cases: tuple[tuple[str, int, Literal["max", "expected"]], ...] = (
+        ("full", 0, "max"),
+        ("sampled", SQN_NEGATIVES, "max"),
+        ("expected", SQN_NEGATIVES, "expected"),
+    )
+    for name, negatives, bootstrap in cases:
+        config = dataclasses.replace(
+            learner_config, sqn_weight=1.0, next_item_negatives=negatives, bootstrap=bootstrap
+        )
         state = create_train_state(sqn_network_config, config, batches_host[0].obs_tm1, jax.random.key(0))
         figures[name] = _qrec_tps(network, state, stacked, config, calls, repeats)
     return {
@@ -354,6 +362,7 @@ def _sqn_case(
         "sqn_sampled_softmax_tps": figures["sampled"],
         "sqn_next_item_negatives": SQN_NEGATIVES,
         "sqn_sampled_speedup": figures["sampled"] / figures["full"],
+        "sqn_sampled_expected_bootstrap_tps": figures["expected"],
     }
 
 

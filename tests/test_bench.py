@@ -71,6 +71,7 @@ def test_the_learner_benchmark_reports_every_figure_for_both_catalogues() -> Non
     assert large["lazy_speedup"] == pytest.approx(large["qrec_tps"] / large["qrec_dense_items_tps"])
     # SQN's next-item loss at 100,000 actions, full and sampled softmax side by side.
     assert large["sqn_full_softmax_tps"] > 0 and large["sqn_sampled_softmax_tps"] > 0
+    assert large["sqn_sampled_expected_bootstrap_tps"] > 0
     assert large["sqn_sampled_speedup"] == pytest.approx(
         large["sqn_sampled_softmax_tps"] / large["sqn_full_softmax_tps"]
     )
