@@ -450,18 +450,24 @@ class QNetwork(nn.Module):
 
     def expected_value_parts(self, obs: ObsBatch) -> dict[str, jax.Array]:
         """The state terms the next-item logits and Q(s, a) are built from, for a caller that scores
-        the actions in chunks (no repeat head, no dueling form): 'next_item' (B, E) and either
-        'q_state' f(s) (B, E) or, for the factored form, 'reward' r(s), 'going_on' h(s) and 'future'
-        g(s), each (B,)."""
-        if self.config.repeat_head or self.config.dueling or not self.config.next_item_head:
-            raise ValueError("expected_value_parts needs next_item_head and neither repeat_head nor dueling")
-        hidden, _ = self._encode(obs)
+        the actions in chunks (needs the next-item head, not the dueling form): 'next_item' (B, E);
+        either 'q_state' f(s) (B, E) or, for the factored form, 'reward' r(s), 'going_on' h(s) and
+        'future' g(s), each (B,); with the repeat head 'repeat' (B, W, 2) (Q and next-item scores of
+        the window's slots) and, in its mixture mode, 'mode' (B,), the log-odds of repeating."""
+        if self.config.dueling or not self.config.next_item_head:
+            raise ValueError("expected_value_parts needs next_item_head and not the dueling form")
+        hidden, context = self._encode(obs)
         parts = {"next_item": self.next_item_projection(hidden)}
         if self.config.factored_q:
             going_on, future = self._continuation_parts(hidden)
             parts.update(reward=self.reward_state(hidden)[:, 0], going_on=going_on, future=future)
         else:
             parts["q_state"] = self._advantage_parts(hidden)[0]
+        repeat = self._repeat_scores(obs, hidden, context)
+        if repeat is not None:
+            parts["repeat"] = repeat
+            if self.config.repeat_mode == "mixture":
+                parts["mode"] = self.repeat_mode_logit(hidden)[:, 0]
         return parts
 
     def scoring_parts(self, obs: ObsBatch) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rl.batch import OOV_INDEX, PAD_INDEX, ObsBatch, TransitionBatch, check_transition_batch
+from rl.batch import FIRST_ITEM_INDEX, OOV_INDEX, PAD_INDEX, ObsBatch, TransitionBatch, check_transition_batch
 from rl.config_utils import config_from_dict, config_to_dict
 from rl.networks import (
     ACTION_ROW_PATHS,
@@ -353,12 +353,8 @@ def _expected_bootstrap_targets(
 
 def expected_in_chunks(network_config: NetworkConfig) -> bool:
     """Whether the expected bootstrap runs over chunks of the catalogue: over CHUNKED_ABOVE actions,
-    for the forms `chunked_expected_values` scores (no repeat head, no dueling form)."""
-    return (
-        network_config.num_actions > CHUNKED_ABOVE
-        and not network_config.repeat_head
-        and not network_config.dueling
-    )
+    for every form `chunked_expected_values` scores (all but the dueling form)."""
+    return network_config.num_actions > CHUNKED_ABOVE and not network_config.dueling
 
 
 def chunked_expected_values(
@@ -370,10 +366,11 @@ def chunked_expected_values(
     chunk: int = BOOTSTRAP_CHUNK,
 ) -> jax.Array:
     """E_{a ~ softmax(next-item logits)} Q(s_t, a) (B,) over the allowed actions, both from
-    `target_params`, without materialising (B, A) logits or values: the catalogue is scored in
-    chunks with a running (online) softmax, each block reduced while still in cache. Needs the
-    next-item head and neither the repeat head nor the dueling form (`_expected_bootstrap_targets`
-    serves those)."""
+    `target_params`, as `_expected_bootstrap_targets` takes it, without materialising (B, A) logits
+    or values: the catalogue is scored in chunks with a running (online) softmax, each block reduced
+    while still in cache. With the repeat head, the window's items (whose scores the head replaces or
+    mixes) are left out of the chunks and scored exactly, then merged in. Needs the next-item head,
+    not the dueling form."""
     config = network.config
     num_actions = config.num_actions
     chunks = -(-num_actions // chunk)
@@ -389,12 +386,14 @@ def chunked_expected_values(
         )
 
     allowed = jnp.ones((num_actions,), bool) if action_mask is None else jnp.asarray(action_mask, bool)
-    # Disallowed actions and the padding get a next-item bias of -inf: no probability.
-    next_bias = jnp.where(per_chunk(allowed), per_chunk(params["next_item_bias"]), -jnp.inf)  # (n, C)
+    real = jnp.arange(chunks * chunk).reshape(chunks, chunk) < num_actions  # (n, C): not padding
     xs: dict[str, jax.Array] = {
         "table": per_chunk(params["item_embedding"]["embedding"]),  # (n, C, E)
-        "next_bias": next_bias,
+        # The padding gets a next-item bias of -inf: no probability.
+        "next_bias": jnp.where(real, per_chunk(params["next_item_bias"]), -jnp.inf),  # (n, C)
+        "allowed": per_chunk(allowed),  # (n, C)
         "bias": per_chunk(params["action_bias"]),  # (n, C)
+        "start": jnp.arange(chunks, dtype=jnp.int32) * chunk,  # (n,)
     }
     if config.factored_q:
         xs["continuation_bias"] = per_chunk(params["continuation_bias"])
@@ -402,13 +401,29 @@ def chunked_expected_values(
     elif config.q_item_table:
         xs["q_table"] = per_chunk(params["q_item_embedding"]["embedding"])
     batch_size = parts["next_item"].shape[0]
+    repeat = parts.get("repeat")  # (B, W, 2) or None
+    known = obs_t.items >= FIRST_ITEM_INDEX  # (B, W)
+    rows = jnp.arange(batch_size)[None, :]  # (1, B)
 
-    def add_chunk(
-        carry: tuple[jax.Array, jax.Array, jax.Array], block: dict[str, jax.Array]
-    ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], None]:
-        top, mass, weighted = carry  # (B,) each: running max logit, sum of exp, sum of exp * Q
+    def running(top: jax.Array, logits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The new running max (B,), the old sums' rescale (B,) and the block's weights (C, B)."""
+        new_top = jnp.maximum(top, jnp.max(logits, axis=0))
+        # The shift stays finite while nothing has been seen yet (max -inf), so no -inf - -inf.
+        shift = jnp.where(jnp.isfinite(new_top), new_top, 0.0)
+        return new_top, jnp.exp(top - shift), jnp.exp(logits - shift[None, :])
+
+    Sums = tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]
+
+    def add_chunk(carry: Sums, block: dict[str, jax.Array]) -> tuple[Sums, None]:
+        # Running (B,) each: max allowed logit, sum of exp and of exp * Q over the allowed actions,
+        # and max logit and sum of exp over every action (the mixture's explore normaliser).
+        top, mass, weighted, top_all, total = carry
         # Actions on the long axis, (C, B), as in the chunked max.
         logits = block["table"] @ parts["next_item"].T + block["next_bias"][:, None]  # (C, B)
+        if repeat is not None:  # the window's items are scored apart
+            local = obs_t.items - block["start"]  # (B, W)
+            local = jnp.where(known & (local >= 0) & (local < chunk), local, chunk)
+            logits = logits.at[local.T, rows].set(-jnp.inf, mode="drop")
         if config.factored_q:
             chance = jax.nn.sigmoid(parts["going_on"][None, :] + block["continuation_bias"][:, None])
             q = (
@@ -419,20 +434,74 @@ def chunked_expected_values(
         else:
             table = block["q_table"] if config.q_item_table else block["table"]
             q = table @ parts["q_state"].T + block["bias"][:, None]  # (C, B)
-        new_top = jnp.maximum(top, jnp.max(logits, axis=0))  # (B,)
-        # The shift stays finite while no allowed action has been seen yet (max -inf), so no -inf - -inf.
-        shift = jnp.where(jnp.isfinite(new_top), new_top, 0.0)  # (B,)
-        rescale = jnp.exp(top - shift)  # (B,); 0 while nothing was allowed yet (top -inf)
-        weights = jnp.exp(logits - shift[None, :])  # (C, B); 0 where not allowed
+        top_all, rescale_all, weights_all = running(top_all, logits)
+        allowed_logits = jnp.where(block["allowed"][:, None], logits, -jnp.inf)
+        top, rescale, weights = running(top, allowed_logits)
         return (
-            new_top,
+            top,
             mass * rescale + weights.sum(axis=0),
             weighted * rescale + jnp.sum(weights * jnp.where(weights > 0, q, 0.0), axis=0),
+            top_all,
+            total * rescale_all + weights_all.sum(axis=0),
         ), None
 
-    init = (jnp.full((batch_size,), -jnp.inf), jnp.zeros((batch_size,)), jnp.zeros((batch_size,)))
-    (_, mass, weighted), _ = jax.lax.scan(add_chunk, init, xs)
-    return weighted / jnp.maximum(mass, jnp.finfo(jnp.float32).tiny)
+    minus_inf, zeros = jnp.full((batch_size,), -jnp.inf), jnp.zeros((batch_size,))
+    (top, mass, weighted, top_all, total), _ = jax.lax.scan(
+        add_chunk, (minus_inf, zeros, zeros, minus_inf, zeros), xs
+    )
+    tiny = jnp.finfo(jnp.float32).tiny
+    if repeat is None:
+        return weighted / jnp.maximum(mass, tiny)
+
+    # The window's slots, exactly: Q(s, item) with the repeat head's part (summed over the item's
+    # slots, as add_to_items does), and whether the item is allowed.
+    items = jnp.where(known, obs_t.items, 0)  # (B, W)
+    same = known[:, :, None] & known[:, None, :] & (items[:, :, None] == items[:, None, :])  # (B, W, W)
+    if config.factored_q:
+        chance = jax.nn.sigmoid(parts["going_on"][:, None] + params["continuation_bias"][items])
+        q_window = (
+            parts["reward"][:, None]
+            + params["action_bias"][items]
+            + chance * (parts["future"][:, None] + params["future_bias"][items])
+        )  # (B, W)
+    else:
+        table_name = "q_item_embedding" if config.q_item_table else "item_embedding"
+        q_window = jnp.einsum("bwe,be->bw", params[table_name]["embedding"][items], parts["q_state"])
+        q_window = q_window + params["action_bias"][items]  # (B, W)
+    q_window = q_window + jnp.sum(jnp.where(same, repeat[:, None, :, 0], 0.0), axis=2)
+    counted = known & allowed[items]  # (B, W)
+    if config.repeat_mode == "mixture":
+        # P(repeat) x the softmax over the window's slots, P(explore) x the softmax over every item
+        # outside the window (normalised over all of them, then the allowed ones renormalised).
+        mode = parts["mode"]
+        any_known = known.any(axis=1)  # (B,)
+        slot_log_probs = jax.nn.log_softmax(jnp.where(known, repeat[..., 1], -1e30), axis=1)  # (B, W)
+        log_repeat = jnp.where(
+            counted, jax.nn.log_sigmoid(mode)[:, None] + slot_log_probs, -jnp.inf
+        )  # (B, W)
+        log_explore = jnp.where(any_known, jax.nn.log_sigmoid(-mode), 0.0)  # (B,)
+        # The log of the factor that turns the chunks' exp(logit - top) into explore probabilities.
+        log_scale = jnp.where(
+            jnp.isfinite(top), log_explore + top - top_all - jnp.log(jnp.maximum(total, tiny)), -jnp.inf
+        )  # (B,)
+        # One common shift for both parts, so neither underflows against the other's scale.
+        top_both = jnp.maximum(log_scale, jnp.max(log_repeat, axis=1))
+        shift = jnp.where(jnp.isfinite(top_both), top_both, 0.0)
+        scale = jnp.exp(log_scale - shift)  # (B,)
+        repeat_weights = jnp.exp(log_repeat - shift[:, None])  # (B, W); 0 where not counted
+        numerator = scale * weighted + jnp.sum(repeat_weights * jnp.where(counted, q_window, 0.0), axis=1)
+        denominator = scale * mass + jnp.sum(repeat_weights, axis=1)
+        return numerator / jnp.maximum(denominator, tiny)
+    # 'replace': each window item once (its first slot), its logit the highest repeat score of its slots.
+    first = counted & ~(same & jnp.tril(jnp.ones(same.shape[1:], bool), k=-1)).any(axis=2)  # (B, W)
+    window_logits = jnp.max(jnp.where(same, repeat[:, None, :, 1], -jnp.inf), axis=2)  # (B, W)
+    window_logits = jnp.where(first, window_logits, -jnp.inf)
+    new_top = jnp.maximum(top, jnp.max(window_logits, axis=1))
+    shift = jnp.where(jnp.isfinite(new_top), new_top, 0.0)
+    rescale = jnp.exp(top - shift)
+    window_weights = jnp.exp(window_logits - shift[:, None])  # (B, W); 0 where not counted
+    numerator = weighted * rescale + jnp.sum(window_weights * jnp.where(first, q_window, 0.0), axis=1)
+    return numerator / jnp.maximum(mass * rescale + window_weights.sum(axis=1), tiny)
 
 
 def update(

@@ -762,8 +762,11 @@ def test_chunked_bootstrap_equals_the_full_score_matrix(
         np.testing.assert_allclose(batch.r_t + discount * q_boot, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("repeat", ["none", "replace", "mixture"])
 @pytest.mark.parametrize("form", ["plain", "q_item_table", "factored_q"])
-def test_chunked_expected_bootstrap_equals_the_full_softmax_and_value_matrices(form: str) -> None:
+def test_chunked_expected_bootstrap_equals_the_full_softmax_and_value_matrices(
+    form: str, repeat: str
+) -> None:
     from rl.train import _expected_bootstrap_targets, chunked_expected_values, expected_in_chunks
 
     num_actions = 3_000  # three chunks of 1,024, the last one padded
@@ -774,12 +777,21 @@ def test_chunked_expected_bootstrap_equals_the_full_softmax_and_value_matrices(f
         next_item_head=True,
         q_item_table=form == "q_item_table",
         factored_q=form == "factored_q",
+        repeat_head=repeat != "none",
+        repeat_mode="mixture" if repeat == "mixture" else "replace",
     )
     assert expected_in_chunks(network_config)
-    assert not expected_in_chunks(dataclasses.replace(network_config, repeat_head=True))
+    assert not expected_in_chunks(dataclasses.replace(network_config, dueling=True, factored_q=False))
     network = QNetwork(network_config)
     rng = np.random.default_rng(4)
-    batch = random_batch(rng, 32, num_actions, window=3)
+    batch = random_batch(rng, 32, num_actions, window=4)
+    items_t = np.asarray(batch.obs_t.items).copy()
+    items_t[4:12, 1] = items_t[4:12, 0]  # an item twice in the window
+    items_t[:4] = 0  # windows of padding only
+    items_t[12:16, 2] = 1  # OOV slots
+    batch = batch.replace(
+        obs_t=batch.obs_t.replace(items=items_t, event_types=np.where(items_t > 0, 1, 0).astype(np.int32))
+    )
     params = create_train_state(network_config, LearnerConfig(), batch.obs_tm1, jax.random.key(1)).params
     # Every table and bias off its start (biases and Q's own table start at zero), logits spread wide.
     params = jax.tree.map(lambda x: x + 2.0 * jnp.asarray(rng.normal(size=x.shape), x.dtype), params)
