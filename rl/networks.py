@@ -297,15 +297,20 @@ class QNetwork(nn.Module):
     def _q_taken_from_hidden(
         self, obs: ObsBatch, hidden: jax.Array, context: jax.Array | None, actions: jax.Array
     ) -> jax.Array:
+        return self._q_taken(hidden, obs.items, self._repeat_scores(obs, hidden, context), actions)
+
+    def _q_taken(
+        self, hidden: jax.Array, items: jax.Array, repeat: jax.Array | None, actions: jax.Array
+    ) -> jax.Array:
+        """Q(s, a) (B,) for one action per state, given the window's items and repeat scores."""
         if self.config.factored_q:
-            reward, going_on, future = self._factored_taken(obs, hidden, context, actions)
+            reward, going_on, future = self._factored_taken(hidden, items, repeat, actions)
             return reward + nn.sigmoid(going_on) * future
         state, value = self._advantage_parts(hidden)
         table = self._q_table().embedding  # (A, E)
         q = jnp.einsum("be,be->b", state, table[actions]) + self.action_bias[actions]  # (B,)
-        repeat = self._repeat_scores(obs, hidden, context)
         if repeat is not None:
-            q = q + repeat_for_actions(obs.items, repeat[..., 0], actions)
+            q = q + repeat_for_actions(items, repeat[..., 0], actions)
         if value is None:
             return q
         # mean_a (f·e_a + b_a) = f · mean_a e_a + mean_a b_a, still without a (B, A) matrix; the
@@ -373,7 +378,7 @@ class QNetwork(nn.Module):
             # the softmax over the items outside the window (here: sampled) for the rest.
             mode = self.repeat_mode_logit(hidden)[:, 0]  # (B,)
             any_known = known.any(axis=1)  # (B,)
-            slot_log_probs = jax.nn.log_softmax(jnp.where(known, slot_scores, -1e30), axis=1)  # (B, W)
+            slot_log_probs = window_slot_log_probs(items, slot_scores)  # (B, W)
             log_window = jax.nn.logsumexp(jnp.where(taken_slots, slot_log_probs, MASKED_LOGIT), axis=1)
             log_repeat = jax.nn.log_sigmoid(mode) + log_window  # (B,)
             log_explore = jnp.where(any_known, jax.nn.log_sigmoid(-mode), 0.0)  # (B,)
@@ -382,10 +387,7 @@ class QNetwork(nn.Module):
             )
             return jnp.where(taken_in_window, log_repeat, log_explore + explore)
         # 'replace': a window item is scored by its repeat score (the highest of its slots), once.
-        same = (items[:, :, None] == items[:, None, :]) & known[:, :, None] & known[:, None, :]  # (B, W, W)
-        item_scores = jnp.max(jnp.where(same, slot_scores[:, None, :], -jnp.inf), axis=2)  # (B, W)
-        earlier = jnp.tril(jnp.ones(same.shape[1:], bool), k=-1)  # (W, W): v < w
-        first = known & ~(same & earlier).any(axis=2)  # (B, W): the first slot of its item
+        first, item_scores = window_item_scores(items, slot_scores)  # (B, W) each
         window = jnp.where(first, item_scores, MASKED_LOGIT)  # (B, W)
         taken_repeat = jnp.max(jnp.where(taken_slots, slot_scores, -jnp.inf), axis=1)  # (B,)
         taken = jnp.where(taken_in_window, taken_repeat, explore_taken)  # (B,)
@@ -422,7 +424,8 @@ class QNetwork(nn.Module):
             raise ValueError("factored_q_for_actions needs NetworkConfig(factored_q=True)")
         assert actions.shape == (obs.items.shape[0],), (actions.shape, obs.items.shape)
         hidden, context = self._encode(obs)
-        reward, going_on, future = self._factored_taken(obs, hidden, context, actions)
+        repeat = self._repeat_scores(obs, hidden, context)
+        reward, going_on, future = self._factored_taken(hidden, obs.items, repeat, actions)
         logits: jax.Array | None = None
         if next_item and negatives is not None:
             logits = self._sampled_next_item_log_probs(obs, hidden, context, actions, negatives)
@@ -431,13 +434,12 @@ class QNetwork(nn.Module):
         return reward, going_on, future, logits
 
     def _factored_taken(
-        self, obs: ObsBatch, hidden: jax.Array, context: jax.Array | None, actions: jax.Array
+        self, hidden: jax.Array, items: jax.Array, repeat: jax.Array | None, actions: jax.Array
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """R(s, a), the continuation log-odds and G(s, a) for one action per state, each (B,)."""
         reward = self.reward_state(hidden)[:, 0] + self.action_bias[actions]
-        repeat = self._repeat_scores(obs, hidden, context)
         if repeat is not None:
-            reward = reward + repeat_for_actions(obs.items, repeat[..., 0], actions)
+            reward = reward + repeat_for_actions(items, repeat[..., 0], actions)
         going_on, future = self._continuation_parts(hidden)
         return reward, going_on + self.continuation_bias[actions], future + self.future_bias[actions]
 
@@ -453,7 +455,8 @@ class QNetwork(nn.Module):
         the actions in chunks (needs the next-item head, not the dueling form): 'next_item' (B, E);
         either 'q_state' f(s) (B, E) or, for the factored form, 'reward' r(s), 'going_on' h(s) and
         'future' g(s), each (B,); with the repeat head 'repeat' (B, W, 2) (Q and next-item scores of
-        the window's slots) and, in its mixture mode, 'mode' (B,), the log-odds of repeating."""
+        the window's slots), 'q_window' (B, W) (Q(s, a) of each slot's item, repeat part included)
+        and, in its mixture mode, 'mode' (B,), the log-odds of repeating."""
         if self.config.dueling or not self.config.next_item_head:
             raise ValueError("expected_value_parts needs next_item_head and not the dueling form")
         hidden, context = self._encode(obs)
@@ -466,6 +469,13 @@ class QNetwork(nn.Module):
         repeat = self._repeat_scores(obs, hidden, context)
         if repeat is not None:
             parts["repeat"] = repeat
+            parts["q_window"] = jnp.stack(
+                [
+                    self._q_taken(hidden, obs.items, repeat, obs.items[:, slot])
+                    for slot in range(obs.items.shape[1])
+                ],
+                axis=1,
+            )  # (B, W)
             if self.config.repeat_mode == "mixture":
                 parts["mode"] = self.repeat_mode_logit(hidden)[:, 0]
         return parts
@@ -504,6 +514,22 @@ def replace_at_items(scores: jax.Array, items: jax.Array, repeat: jax.Array) -> 
     return cleared.at[rows, cols].max(repeat, mode="drop")
 
 
+def window_slot_log_probs(items: jax.Array, slot_scores: jax.Array) -> jax.Array:
+    """The repeat mode's log-softmax over the window's slots (B, W): over the slots holding a known
+    item; the rest get a finite floor, so a window without one stays finite (and so do gradients)."""
+    return jax.nn.log_softmax(jnp.where(items >= FIRST_ITEM_INDEX, slot_scores, -1e30), axis=1)
+
+
+def window_item_scores(items: jax.Array, slot_scores: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each known window item once, as `replace_at_items` scores it: (B, W) bool, whether a slot is
+    its item's first known slot, and (B, W) the highest score among that item's slots."""
+    known = items >= FIRST_ITEM_INDEX  # (B, W)
+    same = known[:, :, None] & known[:, None, :] & (items[:, :, None] == items[:, None, :])  # (B, W, W)
+    earlier = jnp.tril(jnp.ones(same.shape[1:], bool), k=-1)  # (W, W): v < w
+    first = known & ~(same & earlier).any(axis=2)  # (B, W)
+    return first, jnp.max(jnp.where(same, slot_scores[:, None, :], -jnp.inf), axis=2)
+
+
 def repeat_explore_log_probs(
     explore: jax.Array, items: jax.Array, repeat: jax.Array, mode: jax.Array
 ) -> jax.Array:
@@ -524,8 +550,7 @@ def repeat_explore_log_probs(
     rows = jnp.arange(batch_size)[:, None]  # (B, 1)
     known = items >= FIRST_ITEM_INDEX  # (B, W)
     cols = jnp.where(known, items, num_actions)  # unknown slots scatter out of range and are dropped
-    # A finite floor rather than -inf: a row with no known slot stays finite, and so do its gradients.
-    slot_log_probs = jax.nn.log_softmax(jnp.where(known, repeat, -1e30), axis=1)  # (B, W)
+    slot_log_probs = window_slot_log_probs(items, repeat)  # (B, W)
     slot_probs = jnp.where(known, jnp.exp(slot_log_probs), 0.0)  # (B, W)
     window_probs = jnp.zeros_like(explore).at[rows, cols].add(slot_probs, mode="drop")  # (B, A)
     in_window = jnp.zeros(explore.shape, bool).at[rows, cols].set(True, mode="drop")  # (B, A)

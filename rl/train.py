@@ -32,6 +32,8 @@ from rl.networks import (
     init_params_compiled,
     item_embedding_init,
     q_values,
+    window_item_scores,
+    window_slot_log_probs,
 )
 from rl.value_learning import double_q_learning_target, expected_sarsa_target, huber_loss, q_learning_target
 
@@ -453,29 +455,16 @@ def chunked_expected_values(
     if repeat is None:
         return weighted / jnp.maximum(mass, tiny)
 
-    # The window's slots, exactly: Q(s, item) with the repeat head's part (summed over the item's
-    # slots, as add_to_items does), and whether the item is allowed.
-    items = jnp.where(known, obs_t.items, 0)  # (B, W)
-    same = known[:, :, None] & known[:, None, :] & (items[:, :, None] == items[:, None, :])  # (B, W, W)
-    if config.factored_q:
-        chance = jax.nn.sigmoid(parts["going_on"][:, None] + params["continuation_bias"][items])
-        q_window = (
-            parts["reward"][:, None]
-            + params["action_bias"][items]
-            + chance * (parts["future"][:, None] + params["future_bias"][items])
-        )  # (B, W)
-    else:
-        table_name = "q_item_embedding" if config.q_item_table else "item_embedding"
-        q_window = jnp.einsum("bwe,be->bw", params[table_name]["embedding"][items], parts["q_state"])
-        q_window = q_window + params["action_bias"][items]  # (B, W)
-    q_window = q_window + jnp.sum(jnp.where(same, repeat[:, None, :, 0], 0.0), axis=2)
-    counted = known & allowed[items]  # (B, W)
+    # The window's slots, exactly: Q(s, item) (the network's, repeat part included) and whether
+    # the item is allowed.
+    q_window = parts["q_window"]  # (B, W)
+    counted = known & allowed[jnp.where(known, obs_t.items, 0)]  # (B, W)
     if config.repeat_mode == "mixture":
         # P(repeat) x the softmax over the window's slots, P(explore) x the softmax over every item
         # outside the window (normalised over all of them, then the allowed ones renormalised).
         mode = parts["mode"]
         any_known = known.any(axis=1)  # (B,)
-        slot_log_probs = jax.nn.log_softmax(jnp.where(known, repeat[..., 1], -1e30), axis=1)  # (B, W)
+        slot_log_probs = window_slot_log_probs(obs_t.items, repeat[..., 1])  # (B, W)
         log_repeat = jnp.where(
             counted, jax.nn.log_sigmoid(mode)[:, None] + slot_log_probs, -jnp.inf
         )  # (B, W)
@@ -493,8 +482,8 @@ def chunked_expected_values(
         denominator = scale * mass + jnp.sum(repeat_weights, axis=1)
         return numerator / jnp.maximum(denominator, tiny)
     # 'replace': each window item once (its first slot), its logit the highest repeat score of its slots.
-    first = counted & ~(same & jnp.tril(jnp.ones(same.shape[1:], bool), k=-1)).any(axis=2)  # (B, W)
-    window_logits = jnp.max(jnp.where(same, repeat[:, None, :, 1], -jnp.inf), axis=2)  # (B, W)
+    first, window_logits = window_item_scores(obs_t.items, repeat[..., 1])  # (B, W) each
+    first = first & counted
     window_logits = jnp.where(first, window_logits, -jnp.inf)
     new_top = jnp.maximum(top, jnp.max(window_logits, axis=1))
     shift = jnp.where(jnp.isfinite(new_top), new_top, 0.0)
